@@ -1,0 +1,519 @@
+"""Official checkpoint folders -> GLM modules, and our own save/load.
+
+Never executes anything from the folder: no remote code, torch.load(weights_only=True) for pickled shards,
+safetensors read through a memory map of our own. The model is built on the meta device and each tensor is
+copied straight into a parameter of the target dtype/device, so no second full copy of the weights exists.
+
+The key maps below are data: our parameter name -> official name(s), with {i} the layer index. A list of
+official names means the parameter is their concatenation along dim 0 (transformers' GLM keeps q/k/v apart).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, ModelConfig, from_hf, guess_family
+from .model import GLM
+
+KEY_MAPS: dict[str, dict[str, object]] = {
+    "chatglm": {  # ChatGLM-6B
+        "tok_embeddings.weight": "transformer.word_embeddings.weight",
+        "layers.{i}.attn_norm.weight": "transformer.layers.{i}.input_layernorm.weight",
+        "layers.{i}.attn_norm.bias": "transformer.layers.{i}.input_layernorm.bias",
+        "layers.{i}.attn.qkv.weight": "transformer.layers.{i}.attention.query_key_value.weight",
+        "layers.{i}.attn.qkv.bias": "transformer.layers.{i}.attention.query_key_value.bias",
+        "layers.{i}.attn.out.weight": "transformer.layers.{i}.attention.dense.weight",
+        "layers.{i}.attn.out.bias": "transformer.layers.{i}.attention.dense.bias",
+        "layers.{i}.ffn_norm.weight": "transformer.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.ffn_norm.bias": "transformer.layers.{i}.post_attention_layernorm.bias",
+        "layers.{i}.mlp.up.weight": "transformer.layers.{i}.mlp.dense_h_to_4h.weight",
+        "layers.{i}.mlp.up.bias": "transformer.layers.{i}.mlp.dense_h_to_4h.bias",
+        "layers.{i}.mlp.down.weight": "transformer.layers.{i}.mlp.dense_4h_to_h.weight",
+        "layers.{i}.mlp.down.bias": "transformer.layers.{i}.mlp.dense_4h_to_h.bias",
+        "norm.weight": "transformer.final_layernorm.weight",
+        "norm.bias": "transformer.final_layernorm.bias",
+        "output.weight": "lm_head.weight",
+    },
+    "chatglm2": {  # ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B (chatglm layout)
+        "tok_embeddings.weight": "transformer.embedding.word_embeddings.weight",
+        "layers.{i}.attn_norm.weight": "transformer.encoder.layers.{i}.input_layernorm.weight",
+        "layers.{i}.attn.qkv.weight": "transformer.encoder.layers.{i}.self_attention.query_key_value.weight",
+        "layers.{i}.attn.qkv.bias": "transformer.encoder.layers.{i}.self_attention.query_key_value.bias",
+        "layers.{i}.attn.out.weight": "transformer.encoder.layers.{i}.self_attention.dense.weight",
+        "layers.{i}.attn.out.bias": "transformer.encoder.layers.{i}.self_attention.dense.bias",
+        "layers.{i}.ffn_norm.weight": "transformer.encoder.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.mlp.up.weight": "transformer.encoder.layers.{i}.mlp.dense_h_to_4h.weight",
+        "layers.{i}.mlp.up.bias": "transformer.encoder.layers.{i}.mlp.dense_h_to_4h.bias",
+        "layers.{i}.mlp.down.weight": "transformer.encoder.layers.{i}.mlp.dense_4h_to_h.weight",
+        "layers.{i}.mlp.down.bias": "transformer.encoder.layers.{i}.mlp.dense_4h_to_h.bias",
+        "norm.weight": "transformer.encoder.final_layernorm.weight",
+        "output.weight": "transformer.output_layer.weight",
+    },
+    "glm_hf": {  # transformers GlmForCausalLM (glm-4-9b-chat-hf)
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+        "layers.{i}.attn.qkv.weight": ["model.layers.{i}.self_attn.q_proj.weight",
+                                       "model.layers.{i}.self_attn.k_proj.weight",
+                                       "model.layers.{i}.self_attn.v_proj.weight"],
+        "layers.{i}.attn.qkv.bias": ["model.layers.{i}.self_attn.q_proj.bias",
+                                     "model.layers.{i}.self_attn.k_proj.bias",
+                                     "model.layers.{i}.self_attn.v_proj.bias"],
+        "layers.{i}.attn.out.weight": "model.layers.{i}.self_attn.o_proj.weight",
+        "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.mlp.up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",
+        "layers.{i}.mlp.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    },
+}
+# buffers the official code saves that we recompute (rotary inverse frequencies)
+IGNORED_KEYS = [re.compile(r"(^|\.)rotary_emb\.inv_freq$"), re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")]
+
+SAFETENSORS_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """The folder cannot be loaded; the message names the file or tensor at fault."""
+
+
+@dataclass
+class LoadInfo:
+    path: Path
+    layout: str                        # chatglm | chatglm2 | glm_hf | glmkit
+    files: list[Path]
+    unexpected: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Folder inspection
+# --------------------------------------------------------------------------------------------------------
+
+def read_config(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; point glmkit at the folder holding config.json")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a model folder (e.g. a download of "
+                              "THUDM/chatglm3-6b)?")
+    try:
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def _is_tiktoken_file(p: Path) -> bool:
+    with open(p, "rb") as f:
+        head = f.read(256)
+    return re.match(rb"^[A-Za-z0-9+/=]+ \d+\r?\n", head) is not None
+
+
+def detect_family(path: Path, cfg: dict) -> str:
+    """Which generation's tokenizer and chat format the folder uses (the weights alone cannot tell 2 from 3)."""
+    path = Path(path)
+    if cfg.get("model_type") == "glmkit":
+        return cfg["family"]
+    if (path / "ice_text.model").is_file():
+        return "chatglm"
+    tok = path / "tokenizer.model"
+    if tok.is_file() and _is_tiktoken_file(tok):
+        return "glm4"
+    if cfg.get("model_type") == "glm" or ((path / "tokenizer.json").is_file() and not tok.is_file()):
+        return "glm4"
+    guess = guess_family(cfg)
+    if guess == "chatglm":
+        return "chatglm"
+    hints = [str(cfg.get("_name_or_path", "")), path.name]
+    tc = path / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            hints.insert(0, str(json.loads(tc.read_text(encoding="utf-8")).get("name_or_path", "")))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    code = path / "tokenization_chatglm.py"
+    if code.is_file():                                  # read as text only, never imported
+        text = code.read_text(encoding="utf-8", errors="replace")
+        hints.insert(0, "chatglm3" if "<|observation|>" in text else "chatglm2")
+    for h in hints:
+        h = h.lower()
+        if "chatglm3" in h:
+            return "chatglm3"
+        if "chatglm2" in h or "codegeex2" in h:
+            return "chatglm2"
+        if "glm-4" in h or "glm4" in h:
+            return "glm4"
+    return guess or "chatglm3"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The shard files of a folder, safetensors preferred, each checked to exist."""
+    path = Path(path)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index} is not a valid weight index: {e}") from None
+            files = sorted(set(wm.values()))
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists {missing[0]}, which is not in {path}"
+                                      + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            return [path / f for f in files]
+        if (path / single).is_file():
+            return [path / single]
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if shards:
+        return shards
+    raise CheckpointError(f"{path} has no weights: expected model.safetensors[.index.json] or "
+                          "pytorch_model.bin[.index.json]")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tensor readers
+# --------------------------------------------------------------------------------------------------------
+
+class SafetensorsFile:
+    """A .safetensors file read through a memory map; tensors are zero-copy views until copied out."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path} is truncated ({size} bytes): no safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 << 20):
+                raise CheckpointError(f"{self.path} is truncated or not a safetensors file "
+                                      f"(header of {n} bytes in a file of {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{self.path} has a corrupt safetensors header: {e}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            end = self.base + e["data_offsets"][1]
+            if end > size:
+                raise CheckpointError(f"{self.path} is truncated: tensor {name} ends at byte {end} but the file "
+                                      f"has {size}")
+            if e["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        self._f = open(self.path, "rb")
+        # ACCESS_COPY: private, writable mapping (torch.frombuffer wants a writable buffer); never written
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        dtype = SAFETENSORS_DTYPES[e["dtype"]]
+        start, end = e["data_offsets"]
+        shape = tuple(e["shape"])
+        count = end - start
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self._mm, dtype=dtype, count=count // dtype.itemsize, offset=self.base + start)
+        return t.view(shape)
+
+    def release(self, name: str):
+        """Drop the pages of a tensor already copied out, so mapped pages do not pile up in RSS."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = self.entries[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        a = (self.base + start) // page * page
+        b = self.base + end
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:      # a tensor view is still alive; the map closes when it is collected
+                pass
+        self._f.close()
+
+
+def load_pickled_shard(path: Path) -> dict:
+    """A pytorch_model*.bin shard, with weights_only=True (no code runs), memory-mapped when possible."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors, which could run code "
+            f"when unpickled ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return sd
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path, callable]]:
+    """(name, tensor, file, release) for every tensor of every shard; release() frees its mapped pages."""
+    for f in files:
+        if f.suffix == ".safetensors":
+            st = SafetensorsFile(f)
+            try:
+                for name in list(st.keys()):
+                    yield name, st.get(name), f, (lambda n=name: st.release(n))
+            finally:
+                st.close()
+        else:
+            sd = load_pickled_shard(f)
+            for name in list(sd.keys()):
+                t = sd.pop(name)
+                if not isinstance(t, torch.Tensor):
+                    continue
+                yield name, t, f, (lambda: None)
+            del sd
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+def layout_of(cfg_dict: dict) -> str:
+    mt = cfg_dict.get("model_type")
+    if mt == "glmkit":
+        return "glmkit"
+    if mt == "glm":
+        return "glm_hf"
+    if "position_encoding_2d" in cfg_dict or "inner_hidden_size" in cfg_dict or "max_sequence_length" in cfg_dict:
+        return "chatglm"
+    return "chatglm2"
+
+
+def _reverse_map(layout: str, model: GLM) -> dict[str, tuple[str, int, int]]:
+    """official name -> (our name, part index, number of parts)."""
+    ours = [n for n, _ in model.named_parameters()]
+    if layout == "glmkit":
+        return {n: (n, 0, 1) for n in ours}
+    table = KEY_MAPS[layout]
+    rev: dict[str, tuple[str, int, int]] = {}
+    pat = {re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"): k for k in table}
+    for name in ours:
+        for rx, key in pat.items():
+            m = rx.match(name)
+            if m:
+                src = table[key]
+                srcs = src if isinstance(src, list) else [src]
+                for j, s in enumerate(srcs):
+                    s = s.replace("{i}", m.group(1)) if m.groups() else s
+                    rev[s] = (name, j, len(srcs))
+                break
+        else:
+            raise CheckpointError(f"no {layout} checkpoint key maps to parameter {name}")
+    return rev
+
+
+def _part_rows(cfg: ModelConfig, name: str, n_parts: int) -> list[int]:
+    if n_parts == 1:
+        return []
+    if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
+        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+    raise CheckpointError(f"don't know how to assemble {name} from {n_parts} parts")
+
+
+def _get_module(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, leaf = dotted.split(".")
+    mod = model
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, leaf
+
+
+def resolve_dtype(dtype, cfg: ModelConfig, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None and dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        return DTYPES[dtype]
+    dev = torch.device(device).type
+    if dev == "cuda":
+        return torch.bfloat16 if (cfg.torch_dtype == "bfloat16" and torch.cuda.is_bf16_supported()) \
+            else torch.float16
+    if dev == "mps":
+        return torch.float16
+    # CPU: fp32 is exact and fastest for small models; big ones take half the memory in bf16
+    return torch.float32 if cfg.num_params() < 1_000_000_000 else torch.bfloat16
+
+
+def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = None,
+               progress: bool = False) -> tuple[GLM, LoadInfo]:
+    """Load a checkpoint folder (official layouts or ours) into a GLM in `dtype` on `device`."""
+    import time
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    cfg_dict = read_config(path)
+    try:
+        cfg = from_hf(cfg_dict, family=family or detect_family(path, cfg_dict))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} lacks or mistypes a required field: {e}") from None
+    if cfg.quantization:
+        raise CheckpointError(f"{path} holds a quantized checkpoint ({cfg.quantization}); this build of glmkit "
+                              "cannot load it")
+    layout = layout_of(cfg_dict)
+    files = weight_files(path)
+    dt = resolve_dtype(dtype, cfg, device)
+
+    with torch.device("meta"):
+        model = GLM(cfg)
+    rev = _reverse_map(layout, model)
+    params = dict(model.named_parameters())
+    tied = cfg.tie_word_embeddings
+    if tied:
+        rev = {k: v for k, v in rev.items() if v[0] != "output.weight"}
+    filled: dict[str, list[bool]] = {}
+    info = LoadInfo(path=path, layout=layout, files=files)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(rev), unit="tensor", desc=f"loading {path.name}", leave=False, file=sys.stderr)
+
+    with torch.no_grad():
+        for name, src, fpath, release in iter_tensors(files):
+            if name not in rev:
+                if not any(rx.search(name) for rx in IGNORED_KEYS):
+                    info.unexpected.append(name)
+                continue
+            ours, part, n_parts = rev[name]
+            meta = params[ours]
+            rows = _part_rows(cfg, ours, n_parts)
+            want = (rows[part],) + tuple(meta.shape[1:]) if n_parts > 1 else tuple(meta.shape)
+            if tuple(src.shape) != want:
+                raise CheckpointError(f"tensor {name} in {fpath.name} has shape {tuple(src.shape)}, expected "
+                                      f"{want} for this config.json")
+            mod, leaf = _get_module(model, ours)
+            cur = getattr(mod, leaf)
+            if cur.is_meta:
+                cur = nn.Parameter(torch.empty(meta.shape, dtype=dt, device=device), requires_grad=False)
+                setattr(mod, leaf, cur)
+                filled[ours] = [False] * n_parts
+            if n_parts == 1:
+                cur.data.copy_(src)
+            else:
+                off = sum(rows[:part])
+                cur.data[off:off + rows[part]].copy_(src)
+            filled[ours][part] = True
+            release()
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+
+    missing = []
+    for ours in params:
+        if tied and ours == "output.weight":
+            continue
+        if ours not in filled:
+            missing += [k for k, v in rev.items() if v[0] == ours]
+        elif not all(filled[ours]):
+            missing += [k for k, v in rev.items() if v[0] == ours and not filled[ours][v[1]]]
+    if missing:
+        raise CheckpointError(f"{path} is missing tensor {missing[0]}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    model.eval()
+    info.seconds = time.perf_counter() - t0
+    return model, info
+
+
+# --------------------------------------------------------------------------------------------------------
+# Saving (our layout: config.json with model_type "glmkit" + model.safetensors, tokenizer files copied)
+# --------------------------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("ice_text.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "generation_config.json", "special_tokens_map.json", "MODEL_LICENSE", "LICENSE")
+
+
+def save_model(model: GLM, out_dir, source_dir=None, max_shard_bytes: int = 4 << 30):
+    """Write `model` in our layout; copy tokenizer/licence files from `source_dir` when given."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("output.weight", None)
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    meta = {"format": "pt", "producer": "glmkit"}
+    if len(shards) == 1:
+        _atomic_save(save_file, shards[0], out / "model.safetensors", meta)
+    else:
+        wm = {}
+        for i, sh in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(save_file, sh, out / fname, meta)
+            wm.update({k: fname for k in sh})
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+             "weight_map": wm}, indent=2))
+    d = cfg.to_dict()
+    d["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(d, indent=2, ensure_ascii=False))
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(source_dir) / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+    return out
+
+
+def _atomic_save(save_file, tensors, path: Path, meta):
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,172 @@
+"""Token-id streams over the static KV cache: prefill the prompt, then decode one token per step.
+
+Knows ids, not text: stop *strings* are the caller's business (pipeline.py), stop *ids* are handled here.
+For causal models (GLM2+) the cache keeps the ids it holds, and a new prompt that shares a prefix with them
+(the next turn of a chat) only prefills what is new.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from .model import GLM
+from .sampling import SamplingParams, sample
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0            # prompt tokens whose keys/values were already cached
+    new_tokens: int = 0
+    t_start: float = 0.0
+    t_first: float = 0.0              # first new token available
+    t_end: float = 0.0
+    finish_reason: str = ""           # stop | length | (set by the caller) stop_string, cancelled
+    nonfinite_logits: bool = False
+
+    @property
+    def ttft(self) -> float:
+        return self.t_first - self.t_start if self.t_first else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.new_tokens - 1
+        dt = self.t_end - self.t_first
+        return n / dt if n > 0 and dt > 0 else 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.ttft if self.ttft > 0 else 0.0
+
+
+class TokenStream:
+    """Iterator of generated ids; .stats filled as it runs (finish_reason once exhausted)."""
+
+    def __init__(self, it: Iterator[int], stats: GenerationStats):
+        self._it, self.stats = it, stats
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        return next(self._it)
+
+    def close(self, reason: Optional[str] = None):
+        self._it.close()
+        if reason:
+            self.stats.finish_reason = reason
+        if not self.stats.t_end:
+            self.stats.t_end = time.perf_counter()
+
+
+class Generator:
+    """Single-sequence generation with one cache row (terminal chat, Pipeline). The server batches elsewhere."""
+
+    def __init__(self, model: GLM, max_seq: Optional[int] = None, prefill_chunk: int = 512):
+        self.model = model
+        cfg = model.config
+        self.max_seq = min(max_seq or cfg.max_seq_len, cfg.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.cached: list[int] = []               # ids whose keys/values sit in cache row 0, in order
+
+    @property
+    def device(self):
+        return self.model.output.weight.device
+
+    def _ensure_cache(self):
+        m = self.model
+        if m.cache_batch < 1 or m.cache_len != self.max_seq:
+            m.setup_cache(1, self.max_seq)
+            self.cached = []
+
+    def reset(self):
+        self.cached = []
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+               stop_ids: Iterable[int] = ()) -> TokenStream:
+        params.validate()
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_seq:
+            raise ContextOverflow(f"prompt of {len(prompt)} tokens does not fit the context window of "
+                                  f"{self.max_seq} tokens (one position is needed for the answer)")
+        stats = GenerationStats(prompt_tokens=len(prompt), t_start=time.perf_counter())
+        return TokenStream(self._run(prompt, params, set(int(s) for s in stop_ids), stats), stats)
+
+    @torch.inference_mode()
+    def _run(self, prompt: list[int], params: SamplingParams, stop_ids: set, stats: GenerationStats):
+        model, dev = self.model, self.device
+        cfg = model.config
+        self._ensure_cache()
+        V = cfg.vocab_size
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=dev).manual_seed(int(params.seed))
+        seen = torch.zeros(1, V, dtype=torch.bool, device=dev) if params.repetition_penalty != 1.0 else None
+        counts = (torch.zeros(1, V, dtype=torch.float32, device=dev)
+                  if params.presence_penalty or params.frequency_penalty else None)
+        if seen is not None:
+            seen[0, torch.tensor(prompt, device=dev)] = True
+        fallback = cfg.eos_token_id if cfg.eos_token_id is not None else next(iter(stop_ids), 0)
+
+        ids_t = torch.tensor([prompt], device=dev)
+        state = model.sequence_state(ids_t)
+
+        # --- prefill (reusing the cached prefix when the model is causal) ---
+        start = 0
+        if not cfg.prefix_lm:
+            n = 0
+            for a, b in zip(self.cached, prompt):
+                if a != b:
+                    break
+                n += 1
+            start = min(n, len(prompt) - 1)
+        stats.reused_tokens = start
+        self.cached = self.cached[:start]
+        chunk = len(prompt) if cfg.prefix_lm else self.prefill_chunk   # prefix attention needs all at once
+        logits = None
+        for s in range(start, len(prompt), chunk):
+            e = min(s + chunk, len(prompt))
+            pos = torch.arange(s, e, device=dev)[None]
+            logits = model(ids_t[:, s:e], cache_pos=pos, state=state, kv_len=e, last_only=True)[:, -1]
+            self.cached = prompt[:e]
+
+        limit = self.max_seq - len(prompt)
+        if params.max_new_tokens is not None:
+            limit = min(limit, params.max_new_tokens)
+        pos = len(prompt)
+        try:
+            for i in range(limit):
+                tok_t = sample(logits, params, gen, seen, counts, fallback=fallback)
+                if not torch.isfinite(logits).all():
+                    stats.nonfinite_logits = True
+                tok = int(tok_t[0])
+                if i == 0:
+                    stats.t_first = time.perf_counter()
+                if tok in stop_ids:
+                    stats.finish_reason = "stop"
+                    return
+                stats.new_tokens += 1
+                yield tok
+                if i == limit - 1:
+                    break
+                if seen is not None:
+                    seen[0, tok] = True
+                if counts is not None:
+                    counts[0, tok] += 1
+                logits = model(tok_t[:, None], cache_pos=torch.tensor([[pos]], device=dev), state=state,
+                               kv_len=pos + 1)[:, -1]
+                self.cached.append(tok)
+                pos += 1
+            stats.finish_reason = "length"
+        finally:
+            stats.t_end = time.perf_counter()

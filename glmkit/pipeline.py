@@ -1,0 +1,241 @@
+"""load() and the Pipeline that the CLI and the server share: where text meets tokens.
+
+    pipe = glmkit.load("path/to/chatglm3-6b")
+    pipe.chat([{"role": "user", "content": "你好"}])            # -> ChatResponse (a str; .tool_calls)
+    for piece in pipe.stream_chat("你好"): print(piece, end="")
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .chat_format import ChatFormatError, ChatResponse, Prompt, render_within
+from .checkpoint import CheckpointError, load_model
+from .generate import ContextOverflow, GenerationStats, Generator
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer, load_tokenizer
+
+NO_MODEL_HELP = """\
+glmkit needs a model folder. Official weights are published on Hugging Face by THUDM (Tsinghua KEG / Zhipu AI):
+THUDM/chatglm3-6b, THUDM/chatglm2-6b, THUDM/chatglm-6b, THUDM/glm-4-9b-chat (or glm-4-9b-chat-hf). Download one
+on a machine with internet access, for example with `huggingface-cli download THUDM/chatglm3-6b --local-dir
+~/models/chatglm3-6b` (or `git clone https://huggingface.co/THUDM/chatglm3-6b` with git-lfs), copy the folder
+here and run `glmkit chat --model ~/models/chatglm3-6b`. glmkit reads the folder as published (config.json,
+tokenizer files, *.bin or *.safetensors shards) and never runs the Python code inside it."""
+
+DEFAULT_CTX = 8192          # cache positions allocated unless --ctx says otherwise (capped by the model)
+
+
+class NoModelError(RuntimeError):
+    pass
+
+
+class StopStringFilter:
+    """Text in, text out; cuts at the first user stop string, even one that arrives split across pieces,
+    and holds back only a tail that could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        if self.stopped:
+            return ""
+        self.buf += text
+        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf, self.stopped = self.buf[:cut], "", True
+            return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = k
+                    break
+        out = self.buf[:len(self.buf) - hold]
+        self.buf = self.buf[len(self.buf) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+class ChatRun:
+    """One answer being generated: iterate for text pieces; .response (ChatResponse) once finished."""
+
+    def __init__(self, pipe: "Pipeline", prompt: Prompt, params: SamplingParams, raw: bool = False):
+        self.pipe, self.prompt, self.params = pipe, prompt, params
+        fmt = pipe.tokenizer.chat_format
+        self.parser = None if raw else fmt.parser(prompt)
+        self.decoder = pipe.tokenizer.decoder() if raw else None
+        self.stops = StopStringFilter(params.stop)
+        self.tokens = pipe.generator.stream(prompt.ids, params, fmt.stop_ids)
+        self.text = ""
+        self.response: Optional[ChatResponse] = None
+        self._it = self._run()
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.tokens.stats
+
+    def __iter__(self) -> Iterator[str]:
+        return self._it
+
+    def _emit(self, piece: str) -> str:
+        out = self.stops.push(piece)
+        self.text += out
+        return out
+
+    def _run(self):
+        finished = False
+        try:
+            for tok in self.tokens:
+                piece = self.decoder.push(tok) if self.decoder else self.parser.feed(tok)
+                if piece:
+                    out = self._emit(piece)
+                    if out:
+                        yield out
+                    if self.stops.stopped:
+                        self.tokens.close("stop")
+                        break
+            if not self.stops.stopped:
+                tail = self.decoder.flush() if self.decoder else self.parser.finish()
+                out = self._emit(tail)
+                rest = self.stops.flush()
+                self.text += rest
+                if out + rest:
+                    yield out + rest
+            finished = True
+        finally:
+            if not finished and not self.stops.stopped:
+                self.tokens.close("cancelled")
+            self._finalize()
+
+    def _finalize(self):
+        st = self.tokens.stats
+        calls = [] if (self.parser is None or self.stops.stopped) else self.parser.tool_calls
+        reason = "tool_calls" if calls else st.finish_reason or "stop"
+        usage = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
+                 "total_tokens": st.prompt_tokens + st.new_tokens}
+        self.response = ChatResponse(self.text, calls, reason, usage)
+        self.pipe.last_stats = st
+
+    def result(self) -> ChatResponse:
+        for _ in self._it:
+            pass
+        return self.response
+
+
+class Pipeline:
+    """A loaded model with its tokenizer and chat format; one generation at a time."""
+
+    def __init__(self, model, tokenizer: Tokenizer, path: Optional[Path] = None, ctx: Optional[int] = None,
+                 defaults: Optional[dict] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.path = Path(path) if path else None
+        self.chat_format = tokenizer.chat_format
+        max_seq = min(ctx or DEFAULT_CTX, model.config.max_seq_len)
+        self.generator = Generator(model, max_seq=max_seq)
+        self.defaults = dict(self.chat_format.defaults)
+        self.defaults.update(defaults or {})
+        self.last_stats: Optional[GenerationStats] = None
+
+    @property
+    def ctx(self) -> int:
+        return self.generator.max_seq
+
+    @property
+    def device(self):
+        return self.model.output.weight.device
+
+    # --- parameters --------------------------------------------------------------------------------------
+    def sampling_params(self, **kw) -> SamplingParams:
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "max_tokens" in kw:
+            kw["max_new_tokens"] = kw.pop("max_tokens")
+        if kw.pop("do_sample", True) is False:
+            kw["temperature"] = 0.0
+        merged = {**self.defaults, **kw}
+        known = set(SamplingParams.__dataclass_fields__)
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return SamplingParams(**merged).validate()
+
+    def _prompt_budget(self, params: SamplingParams) -> int:
+        want = params.max_new_tokens or min(1024, self.ctx // 4)
+        return self.ctx - min(want, self.ctx // 2)
+
+    # --- chat --------------------------------------------------------------------------------------------
+    def start_chat(self, messages, tools=None, tool_choice=None, **sampling) -> ChatRun:
+        params = self.sampling_params(**sampling)
+        prompt = render_within(self.chat_format, messages, self._prompt_budget(params), tools=tools,
+                               tool_choice=tool_choice)
+        return ChatRun(self, prompt, params)
+
+    def chat(self, messages, tools=None, tool_choice=None, **sampling) -> ChatResponse:
+        """messages (OpenAI-style dicts, or one string) -> the answer (a str with .tool_calls, .usage)."""
+        return self.start_chat(messages, tools, tool_choice, **sampling).result()
+
+    def stream_chat(self, messages, tools=None, tool_choice=None, **sampling) -> Iterator[str]:
+        """Like chat(), yielding text pieces as they are generated (tool calls: see start_chat().response)."""
+        return iter(self.start_chat(messages, tools, tool_choice, **sampling))
+
+    # --- raw completion ----------------------------------------------------------------------------------
+    def start_generate(self, prompt, **sampling) -> ChatRun:
+        params = self.sampling_params(**sampling)
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        if len(ids) >= self.ctx:
+            raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
+        return ChatRun(self, Prompt(ids=ids), params, raw=True)
+
+    def generate(self, prompt, **sampling) -> str:
+        """Continue raw text (the tokenizer's special tokens added as its encode() does) -> new text."""
+        return self.start_generate(prompt, **sampling).result()
+
+    def stream_generate(self, prompt, **sampling) -> Iterator[str]:
+        return iter(self.start_generate(prompt, **sampling))
+
+
+def _generation_defaults(path: Path) -> dict:
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return {k: d[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in d}
+
+
+def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = None,
+         ctx: Optional[int] = None, progress: bool = False) -> Pipeline:
+    """Load a model folder (official ChatGLM-6B/2/3, GLM-4 in either layout, or glmkit's own) -> Pipeline.
+
+    dtype: None picks float32 on CPU for models under 1B parameters, else bfloat16 (float16 on CUDA unless the
+    checkpoint is bf16). ctx: context positions to allocate (default 8192, capped by the model).
+    """
+    if path is None:
+        raise NoModelError(NO_MODEL_HELP)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but this PyTorch build sees no CUDA GPU")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps was asked for, but MPS is not available here")
+    path = Path(path).expanduser()
+    model, info = load_model(path, dtype=dtype, device=device, family=family, progress=progress)
+    tok = load_tokenizer(path, model.config.family)
+    if tok.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size} embedding rows")
+    return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path))

@@ -1,0 +1,401 @@
+"""Tokenizers of each GLM generation, read from the official files without running their code.
+
+  ChatGLM-6B   ice_text.model (SentencePiece, nmt_nfkc normaliser). Text is pre-processed as the official
+               tokenizer does: "\\n" -> <n>, "\\t" -> <|tab|>, runs of 2..80 spaces -> <|blank_N|>; decode
+               reverses it. encode() appends [gMASK] <sop> ([MASK]/[sMASK]/[gMASK] in the text are kept as
+               mask tokens; then only <sop> is appended, which is how GLM fills a blank).
+  ChatGLM2/3   tokenizer.model (SentencePiece); [MASK] [gMASK] [sMASK] sop eop (+ ChatGLM3's role tokens) take
+               the ids right after the SentencePiece vocabulary. encode() prefixes [gMASK] sop.
+  GLM-4        tokenizer.model in tiktoken format (base64 token + rank per line) or transformers' tokenizer.json;
+               special tokens from 151329 on (tokenizer_config.json's added_tokens_decoder when present).
+               encode() prefixes [gMASK] <sop>.
+
+encode(text) returns what the official tokenizer's encode returns (special tokens included); decode(ids)
+drops special tokens unless skip_special_tokens=False. IncrementalDecoder turns a stream of ids into text
+pieces that never end in half a UTF-8 character or half of a <|blank_N|>/<|tab|>/<n> marker.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Common interface. Subclasses set family, special (name -> id), eos_id and implement the hooks."""
+
+    family: str = ""
+    special: dict[str, int]
+    # a regex matching an unfinished text marker at the end of decoded text (held back while streaming)
+    partial_marker: Optional[re.Pattern] = None
+
+    def __init__(self):
+        self.special_ids = set(self.special.values())
+        self.id_to_special = {v: k for k, v in self.special.items()}
+        from .chat_format import format_for     # chat_format knows formats; it imports nothing from here
+        self.chat_format = format_for(self)
+
+    # --- interface ---------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ordinary text -> ids: no special tokens recognised or added (message contents)."""
+        raise NotImplementedError
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int:
+        if token in self.special:
+            return self.special[token]
+        raise TokenizerError(f"{token!r} is not a special token of the {self.family} tokenizer")
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        out, run = [], []
+        for i in ids:
+            if i in self.special_ids:
+                if run:
+                    out.append(self._decode_plain(run))
+                    run = []
+                if not skip_special_tokens:
+                    out.append(self.id_to_special[i])
+            else:
+                run.append(i)
+        if run:
+            out.append(self._decode_plain(run))
+        return "".join(out)
+
+    def apply_chat_template(self, messages, tools=None, tool_choice=None) -> list[int]:
+        """messages (+ tools) -> prompt ids ending with the generation prompt, as the official code builds them."""
+        return self.chat_format.render(messages, tools=tools, tool_choice=tool_choice).ids
+
+    def decoder(self) -> "IncrementalDecoder":
+        return IncrementalDecoder(self)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SentencePiece tokenizers
+# ------------------------------------------------------------------------------------------------------------
+
+def _sp(path: Path):
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"{path} is not a SentencePiece model: {e}") from None
+
+
+class ChatGLM6BTokenizer(Tokenizer):
+    family = "chatglm"
+    MAX_BLANK = 80
+    SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
+    MASKS = ("[MASK]", "[sMASK]", "[gMASK]")
+    partial_marker = re.compile(r"<(?:\|(?:b(?:l(?:a(?:n(?:k(?:_(?:\d{1,2}\|?)?)?)?)?)?)?|t(?:a(?:b\|?)?)?)?|n)?$")
+
+    def __init__(self, path: Path, num_image_tokens: int = 0):
+        self.path = Path(path)
+        self.sp = _sp(self.path)
+        self.offset = num_image_tokens                 # older releases shifted ids by 20000 image tokens
+        self.special = {}
+        for name in self.SPECIALS + ("<unk>", "<s>", "</s>", "<pad>"):
+            pid = self.sp.piece_to_id(name)
+            if pid != self.sp.unk_id() or name == "<unk>":
+                self.special[name] = pid + self.offset
+        for must in ("[MASK]", "[gMASK]", "<sop>", "<eop>"):
+            if must not in self.special:
+                raise TokenizerError(f"{self.path} has no {must} piece: not a ChatGLM-6B ice_text.model")
+        self.eos_id = self.special["<eop>"]
+        self.pad_id = self.special.get("<pad>")
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
+        super().__init__()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size() + self.offset
+
+    def _pre(self, text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for n in range(self.MAX_BLANK, 1, -1):
+            if " " * n in text:
+                text = text.replace(" " * n, f"<|blank_{n}|>")
+        return text
+
+    def _post(self, text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        if "<|blank_" in text:
+            text = re.sub(r"<\|blank_(\d+)\|>",
+                          lambda m: " " * int(m.group(1)) if 2 <= int(m.group(1)) <= self.MAX_BLANK else m.group(0),
+                          text)
+        return text
+
+    def encode_plain(self, text: str, dummy_prefix: bool = True) -> list[int]:
+        if not text:
+            return []
+        pre = self._pre(text)
+        if dummy_prefix:
+            ids = self.sp.encode(pre)
+        else:   # the official trick: a leading <n> absorbs SentencePiece's dummy "▁", then both are dropped
+            ids = self.sp.encode("<n>" + pre)[2:]
+        return [i + self.offset for i in ids]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = []
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:                                  # a special token written in the text
+                ids.append(self.special[part])
+            elif part:
+                ids += self.encode_plain(part, dummy_prefix=(k == 0))
+        if add_special_tokens:
+            masks = {self.special[m] for m in self.MASKS if m in self.special}
+            if not masks & set(ids):
+                ids.append(self.special["[gMASK]"])
+            if not ids or ids[-1] != self.special["<sop>"]:
+                ids.append(self.special["<sop>"])
+        return ids
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        ids = [i - self.offset for i in ids if i >= self.offset and i != self.pad_id]
+        return self._post(self.sp.decode(ids))
+
+
+class ChatGLM2Tokenizer(Tokenizer):
+    """ChatGLM2-6B and ChatGLM3-6B (the same tokenizer.model; ChatGLM3 adds the role tokens)."""
+
+    def __init__(self, path: Path, family: str = "chatglm3"):
+        self.family = family
+        self.path = Path(path)
+        self.sp = _sp(self.path)
+        n = self.sp.vocab_size()
+        names = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+        if family == "chatglm3":
+            names += ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+        self.special = {name: n + i for i, name in enumerate(names)}
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
+        self.pad_id = self.sp.unk_id()
+        super().__init__()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size() + len(self.special)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.encode_plain(text)
+        return [self.special["[gMASK]"], self.special["sop"]] + ids if add_special_tokens else ids
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        n = self.sp.vocab_size()
+        return self.sp.decode([i for i in ids if 0 <= i < n])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GLM-4 (tiktoken)
+# ------------------------------------------------------------------------------------------------------------
+
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                 "<|begin_of_video|>", "<|end_of_video|>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte <-> printable character map used by transformers' byte-level BPE files."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class GLM4Tokenizer(Tokenizer):
+    family = "glm4"
+
+    def __init__(self, folder: Path):
+        import tiktoken
+
+        folder = Path(folder)
+        tok_model, tok_json = folder / "tokenizer.model", folder / "tokenizer.json"
+        pattern = GLM4_PATTERN
+        specials_from_file: dict[str, int] = {}
+        if tok_model.is_file():
+            ranks = {}
+            with open(tok_model, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        tok, rank = line.split()
+                        ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                    except ValueError:
+                        raise TokenizerError(f"{tok_model}:{lineno} is not a 'base64-token rank' line") from None
+            self.path = tok_model
+        elif tok_json.is_file():
+            ranks, pattern, specials_from_file = self._from_tokenizer_json(tok_json)
+            self.path = tok_json
+        else:
+            raise TokenizerError(f"{folder} has neither tokenizer.model nor tokenizer.json")
+        n = len(ranks)
+        special = {name: n + i for i, name in enumerate(GLM4_SPECIALS)}
+        special.update(specials_from_file)
+        special.update(self._specials_from_config(folder / "tokenizer_config.json"))
+        self.special = special
+        self.n_ranks = n
+        self.enc = tiktoken.Encoding(name=f"glm4:{folder}", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=special)
+        self.eos_id = special["<|endoftext|>"]
+        self.pad_id = self.eos_id
+        self._max_id = max(max(ranks.values(), default=0), max(special.values()))
+        super().__init__()
+
+    @staticmethod
+    def _specials_from_config(path: Path) -> dict[str, int]:
+        if not path.is_file():
+            return {}
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        out = {}
+        for k, v in (d.get("added_tokens_decoder") or {}).items():
+            if isinstance(v, dict) and "content" in v:
+                out[v["content"]] = int(k)
+        return out
+
+    @staticmethod
+    def _from_tokenizer_json(path: Path):
+        d = json.loads(path.read_text(encoding="utf-8"))
+        model = d.get("model") or {}
+        if model.get("type") != "BPE":
+            raise TokenizerError(f"{path}: expected a byte-level BPE tokenizer.json, got {model.get('type')!r}")
+        inv = {c: b for b, c in _bytes_to_unicode().items()}
+        ranks = {}
+        for tok, i in model["vocab"].items():
+            try:
+                ranks[bytes(inv[c] for c in tok)] = int(i)
+            except KeyError:
+                raise TokenizerError(f"{path}: vocab entry {tok!r} is not byte-level") from None
+        pattern = GLM4_PATTERN
+        pre = d.get("pre_tokenizer") or {}
+        for p in [pre] + list(pre.get("pretokenizers") or []):
+            if p.get("type") == "Split" and isinstance(p.get("pattern"), dict) and "Regex" in p["pattern"]:
+                pattern = p["pattern"]["Regex"]
+        specials = {t["content"]: int(t["id"]) for t in d.get("added_tokens") or [] if t.get("special", True)}
+        return ranks, pattern, specials
+
+    @property
+    def vocab_size(self) -> int:
+        return self._max_id + 1
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text) if text else []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # as the official (transformers) tokenizer: special tokens written in the text are recognised
+        ids = self.enc.encode(text, allowed_special="all") if text else []
+        return [self.special["[gMASK]"], self.special["<sop>"]] + ids if add_special_tokens else ids
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        return self.enc.decode_bytes([i for i in ids if 0 <= i < self.n_ranks]).decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streaming detokenizer
+# ------------------------------------------------------------------------------------------------------------
+
+class IncrementalDecoder:
+    """ids in, text pieces out. Each piece is final: later ids never change text already returned.
+
+    Decodes a small window (the ids since the last emitted block, plus the block before it for context, so
+    SentencePiece's leading-space handling is the same as in a full decode) and holds text back while it
+    ends in an incomplete UTF-8 sequence (U+FFFD) or in an unfinished marker such as "<|blank_1".
+    """
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self.tok = tok
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0          # window start
+        self.read = 0            # ids up to here are emitted
+
+    def _safe(self, text: str) -> bool:
+        if text.endswith("\ufffd"):
+            return False
+        pm = self.tok.partial_marker
+        return not (pm is not None and pm.search(text))
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        return self._step(final=False)
+
+    def _step(self, final: bool) -> str:
+        dec = self.tok.decode
+        prefix_text = dec(self.ids[self.prefix:self.read], self.skip)
+        new_text = dec(self.ids[self.prefix:], self.skip)
+        if len(new_text) <= len(prefix_text) and not final:
+            return ""
+        if not final and not self._safe(new_text):
+            return ""
+        if not new_text.startswith(prefix_text):
+            # cannot happen with the hold-back rules above; keep the stream monotone regardless
+            common = len(prefix_text)
+            delta = new_text[common:]
+        else:
+            delta = new_text[len(prefix_text):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """Everything still held back (call once when the stream ends)."""
+        if self.read == len(self.ids):
+            return ""
+        return self._step(final=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Folder -> tokenizer
+# ------------------------------------------------------------------------------------------------------------
+
+def load_tokenizer(folder, family: str) -> Tokenizer:
+    folder = Path(folder)
+    if family == "chatglm":
+        f = folder / "ice_text.model"
+        if not f.is_file():
+            raise TokenizerError(f"{folder} has no ice_text.model (the ChatGLM-6B tokenizer)")
+        num_image = 0
+        tc = folder / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                num_image = int(json.loads(tc.read_text(encoding="utf-8")).get("num_image_tokens", 0) or 0)
+            except (json.JSONDecodeError, ValueError, UnicodeDecodeError):
+                num_image = 0
+        return ChatGLM6BTokenizer(f, num_image_tokens=num_image)
+    if family in ("chatglm2", "chatglm3"):
+        f = folder / "tokenizer.model"
+        if not f.is_file():
+            raise TokenizerError(f"{folder} has no tokenizer.model")
+        return ChatGLM2Tokenizer(f, family=family)
+    if family == "glm4":
+        return GLM4Tokenizer(folder)
+    raise TokenizerError(f"unknown tokenizer family {family!r}")
