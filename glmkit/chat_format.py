@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -409,6 +410,7 @@ def render_within(fmt: ChatFormat, messages, max_prompt_tokens: int, tools=None,
 # Answers -> content (streamed) + tool calls
 # ------------------------------------------------------------------------------------------------------------
 
+_NOT_A_TOOL_NAME = re.compile(r"[^A-Za-z0-9_.\-]")
 _PUNCT = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
 
 
@@ -551,7 +553,8 @@ class ResponseParser:
                 else:
                     self.state = "content"
                     out += self.content.push(rest)
-            elif final:                      # no metadata line at all: it was plain text
+            elif final or _NOT_A_TOOL_NAME.search(self.meta.strip()):
+                # no metadata line (or a first line no tool name can have): plain text, stream it now
                 self.state = "content"
                 out += self.content.push(self.meta)
         elif self.state == "content":

@@ -143,18 +143,23 @@ def detect_family(path: Path, cfg: dict) -> str:
     guess = guess_family(cfg)
     if guess == "chatglm":
         return "chatglm"
-    hints = [str(cfg.get("_name_or_path", "")), path.name]
+    names = []
     tc = path / "tokenizer_config.json"
     if tc.is_file():
         try:
-            hints.insert(0, str(json.loads(tc.read_text(encoding="utf-8")).get("name_or_path", "")))
+            names.append(str(json.loads(tc.read_text(encoding="utf-8")).get("name_or_path", "")))
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass
+    names.append(str(cfg.get("_name_or_path", "")))
     code = path / "tokenization_chatglm.py"
     if code.is_file():                                  # read as text only, never imported
         text = code.read_text(encoding="utf-8", errors="replace")
-        hints.insert(0, "chatglm3" if "<|observation|>" in text else "chatglm2")
-    for h in hints:
+        if "<|observation|>" in text:
+            names.append("chatglm3")
+        elif "SPTokenizer" in text:
+            names.append("chatglm2")
+    names.append(path.name)
+    for h in names:
         h = h.lower()
         if "chatglm3" in h:
             return "chatglm3"

@@ -35,13 +35,26 @@ class NoModelError(RuntimeError):
 
 
 class StopStringFilter:
-    """Text in, text out; cuts at the first user stop string, even one that arrives split across pieces,
-    and holds back only a tail that could still become a stop string."""
+    """Text in, text out; cuts at the first user stop string of the whole text, also one that arrives split
+    across pieces. Holds back only text from the earliest place where a stop string could still begin."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.buf = ""
         self.stopped = False
+
+    def _first_match(self) -> int:
+        return min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+
+    def _first_possible_start(self) -> int:
+        """Earliest j such that buf[j:] is a proper prefix of a stop string (it may still become one)."""
+        n = len(self.buf)
+        longest = max(len(s) for s in self.stops)
+        for j in range(max(0, n - longest + 1), n):
+            tail = self.buf[j:]
+            if any(len(tail) < len(s) and s.startswith(tail) for s in self.stops):
+                return j
+        return n
 
     def push(self, text: str) -> str:
         if not self.stops:
@@ -49,22 +62,23 @@ class StopStringFilter:
         if self.stopped:
             return ""
         self.buf += text
-        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.buf, self.stopped = self.buf[:cut], "", True
+        hit, hold = self._first_match(), self._first_possible_start()
+        if hit >= 0 and hit <= hold:           # nothing earlier can still turn into a stop string
+            out, self.buf, self.stopped = self.buf[:hit], "", True
             return out
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = k
-                    break
-        out = self.buf[:len(self.buf) - hold]
-        self.buf = self.buf[len(self.buf) - hold:]
+        cut = min(hold, hit) if hit >= 0 else hold
+        out, self.buf = self.buf[:cut], self.buf[cut:]
         return out
 
     def flush(self) -> str:
-        out, self.buf = ("" if self.stopped else self.buf), ""
+        """End of text: what is held back, cut at a stop string if one is there."""
+        if self.stopped or not self.stops:
+            out, self.buf = ("" if self.stopped else self.buf), ""
+            return out
+        hit = self._first_match()
+        out = self.buf[:hit] if hit >= 0 else self.buf
+        self.stopped = hit >= 0
+        self.buf = ""
         return out
 
 
@@ -122,7 +136,7 @@ class ChatRun:
     def _finalize(self):
         st = self.tokens.stats
         calls = [] if (self.parser is None or self.stops.stopped) else self.parser.tool_calls
-        reason = "tool_calls" if calls else st.finish_reason or "stop"
+        reason = "tool_calls" if calls else "stop" if self.stops.stopped else st.finish_reason or "stop"
         usage = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
                  "total_tokens": st.prompt_tokens + st.new_tokens}
         self.response = ChatResponse(self.text, calls, reason, usage)

@@ -11,7 +11,7 @@ import torch
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0          # 0 -> greedy
+    temperature: float = 1.0          # 0 (anything below 1e-5) -> greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 -> off
     repetition_penalty: float = 1.0   # transformers' (>1 discourages tokens already in prompt or answer)
@@ -39,13 +39,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 def sanitize(logits: torch.Tensor) -> torch.Tensor:
-    """NaN -> -inf, +inf -> the largest finite value (that token wins), so sampling never sees NaN."""
-    big = torch.finfo(logits.dtype).max
-    return torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    """float32 logits: NaN -> -inf (never chosen), +inf -> 1e30 (that token wins; still finite after dividing
+    by any temperature >= 1e-5), so softmax and multinomial never see NaN."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=1e30, neginf=float("-inf"))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

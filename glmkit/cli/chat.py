@@ -1,0 +1,82 @@
+"""glmkit chat: interactive terminal chat with streaming output and history."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import add_model_args, add_sampling_args, load_pipeline, sampling_kwargs, stats_line
+
+EXAMPLES = """examples:
+  glmkit chat --model ~/models/chatglm3-6b
+  glmkit chat --model ~/models/glm-4-9b-chat --system "Answer in English." -t 0.3 --verbose
+
+in the chat:  /clear  forget the conversation    /exit or Ctrl-D  quit    Ctrl-C  stop the answer"""
+
+HELP = "commands: /clear (forget the conversation), /exit (or Ctrl-D) to quit; Ctrl-C stops an answer"
+
+
+def add_arguments(p):
+    add_model_args(p)
+    p.add_argument("--system", "-s", default=None, help="system prompt (ChatGLM-6B/2 prepend it to each question)")
+    add_sampling_args(p)
+
+
+def run(args) -> int:
+    from ..chat_format import ChatFormatError
+    from ..config import FAMILY_NAMES
+    from ..generate import ContextOverflow
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    pipe = load_pipeline(args)
+    name = FAMILY_NAMES[pipe.config.family]
+    print(f"glmkit chat - {name} from {pipe.path} ({pipe.model.output.weight.dtype}, {pipe.device}, "
+          f"context {pipe.ctx})\n{HELP}", flush=True)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    kw = sampling_kwargs(args)
+    while True:
+        try:
+            line = input("\nuser> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/clear":
+            history = []
+            pipe.generator.reset()
+            print("(conversation cleared)")
+            continue
+        if cmd in ("/help", "/?"):
+            print(HELP)
+            continue
+        messages = system + history + [{"role": "user", "content": line}]
+        try:
+            run_ = pipe.start_chat(messages, **kw)
+        except (ChatFormatError, ContextOverflow) as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print(f"{name}> ", end="", flush=True)
+        try:
+            for piece in run_:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            run_._it.close()
+            sys.stdout.write(" [stopped]")
+        print(flush=True)
+        resp = run_.response
+        for call in resp.tool_calls:
+            print(f"[tool call] {call.name}({call.arguments})")
+        history += [messages[-1], resp.to_message()]
+        if args.verbose:
+            print(stats_line(run_.stats, run_.prompt.dropped), file=sys.stderr, flush=True)

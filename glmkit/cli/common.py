@@ -1,0 +1,63 @@
+"""Options shared by the commands that load a model and generate."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", metavar="DIR",
+                   help="model folder: an official download (THUDM/chatglm3-6b, chatglm2-6b, chatglm-6b, "
+                        "glm-4-9b-chat[-hf]) or one written by glmkit")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: float32 on CPU for models under 1B parameters, "
+                        "else bfloat16; float16 on CUDA/MPS)")
+    g.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="context window in tokens to allocate (default 8192, at most the model's)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: PyTorch's)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("sampling (defaults: the official chat() settings of the model's generation)")
+    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--max-new-tokens", "-n", type=int, default=None, help="default: until the answer ends")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    g.add_argument("--verbose", "-v", action="store_true",
+                   help="after each answer print prompt tokens, time to first token and tokens/s")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                seed=args.seed, stop=args.stop)
+
+
+def load_pipeline(args):
+    """-> Pipeline, or exit with the guidance text when no model is given."""
+    import torch
+
+    from ..pipeline import NO_MODEL_HELP, load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.model:
+        print(NO_MODEL_HELP, file=sys.stderr)
+        raise SystemExit(2)
+    return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=sys.stderr.isatty())
+
+
+def stats_line(st, dropped: int = 0) -> str:
+    s = (f"[prompt {st.prompt_tokens} tok"
+         + (f" ({st.reused_tokens} cached)" if st.reused_tokens else "")
+         + f" | answer {st.new_tokens} tok | first token {st.ttft * 1000:.0f} ms"
+         + f" | {st.decode_tps:.1f} tok/s | {st.finish_reason}")
+    if dropped:
+        s += f" | {dropped} oldest messages dropped to fit the context"
+    return s + "]"

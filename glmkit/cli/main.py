@@ -1,0 +1,50 @@
+"""`glmkit` entry point: a sub-command per module in glmkit/cli/."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "chat": "Chat with a model in the terminal (streaming, multi-turn).",
+    "generate": "Continue a raw prompt (no chat format) and print the result.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="glmkit",
+        description="Run GLM-family models (ChatGLM-6B, ChatGLM2/3-6B, GLM-4-9B) on your own hardware.",
+        epilog="examples:\n  glmkit chat --model ~/models/chatglm3-6b\n"
+               "  glmkit generate --model ~/models/chatglm3-6b --prompt '床前明月光'\n"
+               "Run `glmkit COMMAND --help` for the options of each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .. import __version__
+    p.add_argument("--version", action="version", version=f"glmkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        mod = importlib.import_module(f".{name}", __package__)
+        sp = sub.add_parser(name, help=help_text, description=help_text, epilog=mod.EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not getattr(args, "_run", None):
+        p.print_help()
+        return 2
+    from ..chat_format import ChatFormatError
+    from ..checkpoint import CheckpointError
+    from ..tokenizer import TokenizerError
+
+    try:
+        return args._run(args) or 0
+    except (CheckpointError, TokenizerError, ChatFormatError, ValueError, RuntimeError) as e:
+        print(f"glmkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
