@@ -246,14 +246,17 @@ class SafetensorsFile:
         t = torch.frombuffer(self._mm, dtype=dtype, count=count // dtype.itemsize, offset=self.base + start)
         return t.view(shape)
 
-    def release(self, name: str):
-        """Drop the pages of a tensor already copied out, so mapped pages do not pile up in RSS."""
+    def release(self, name: str, lo: int = 0, hi: Optional[int] = None):
+        """Drop the mapped pages of bytes [lo, hi) of a tensor already copied out, so they do not pile up
+        in RSS. Only whole pages inside the range go (a page shared with a neighbour stays until it goes)."""
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start, end = self.entries[name]["data_offsets"]
         page = mmap.PAGESIZE
-        a = (self.base + start) // page * page
-        b = self.base + end
+        a = (self.base + start + lo) // page * page
+        b = self.base + (end if hi is None else start + hi)
+        if b <= a:
+            return
         try:
             self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
         except (OSError, ValueError):
@@ -291,13 +294,14 @@ def load_pickled_shard(path: Path) -> dict:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path, callable]]:
-    """(name, tensor, file, release) for every tensor of every shard; release() frees its mapped pages."""
+    """(name, tensor, file, release) for every tensor of every shard; release(lo=0, hi=None) frees the
+    mapped pages of bytes [lo, hi) of the tensor (all of it by default)."""
     for f in files:
         if f.suffix == ".safetensors":
             st = SafetensorsFile(f)
             try:
                 for name in list(st.keys()):
-                    yield name, st.get(name), f, (lambda n=name: st.release(n))
+                    yield name, st.get(name), f, (lambda lo=0, hi=None, n=name: st.release(n, lo, hi))
             finally:
                 st.close()
         else:
@@ -306,7 +310,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path, c
                 t = sd.pop(name)
                 if not isinstance(t, torch.Tensor):
                     continue
-                yield name, t, f, (lambda: None)
+                yield name, t, f, (lambda lo=0, hi=None: None)
             del sd
 
 
@@ -381,6 +385,23 @@ def resolve_dtype(dtype, cfg: ModelConfig, device: str) -> torch.dtype:
     return torch.float32 if cfg.num_params() < 1_000_000_000 else torch.bfloat16
 
 
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def _copy_releasing(dst: torch.Tensor, src: torch.Tensor, release) -> None:
+    """dst.copy_(src) in row chunks of ~64 MB, dropping each chunk's mapped source pages once copied:
+    peak memory is the loaded model plus one chunk, not plus the largest tensor (the 0.5 GB embedding)."""
+    row_bytes = src[0].numel() * src.element_size() if src.dim() > 1 and src.shape[0] else 0
+    if not row_bytes or src.numel() * src.element_size() <= COPY_CHUNK_BYTES:
+        dst.copy_(src)
+        release()
+        return
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    for r in range(0, src.shape[0], step):
+        dst[r:r + step].copy_(src[r:r + step])
+        release(r * row_bytes, min(r + step, src.shape[0]) * row_bytes)
+
+
 def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = None,
                progress: bool = False) -> tuple[GLM, LoadInfo]:
     """Load a checkpoint folder (official layouts or ours) into a GLM in `dtype` on `device`."""
@@ -436,13 +457,9 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
                 cur = nn.Parameter(torch.empty(meta.shape, dtype=dt, device=device), requires_grad=False)
                 setattr(mod, leaf, cur)
                 filled[ours] = [False] * n_parts
-            if n_parts == 1:
-                cur.data.copy_(src)
-            else:
-                off = sum(rows[:part])
-                cur.data[off:off + rows[part]].copy_(src)
+            dst = cur.data if n_parts == 1 else cur.data[sum(rows[:part]):][:rows[part]]
+            _copy_releasing(dst, src, release)
             filled[ours][part] = True
-            release()
             if bar:
                 bar.update(1)
     if bar:
