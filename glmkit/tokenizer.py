@@ -167,7 +167,10 @@ class ChatGLM6BTokenizer(Tokenizer):
         return ids
 
     def _decode_plain(self, ids: Sequence[int]) -> str:
-        ids = [i - self.offset for i in ids if i >= self.offset and i != self.pad_id]
+        # ids outside the SentencePiece vocabulary (image ids, the embedding's padding rows up to the
+        # model's vocab size, which a sampler can pick) decode to nothing instead of raising
+        n = self.sp.vocab_size()
+        ids = [i - self.offset for i in ids if 0 <= i - self.offset < n and i != self.pad_id]
         return self._post(self.sp.decode(ids))
 
 

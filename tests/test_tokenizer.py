@@ -108,6 +108,17 @@ def test_chatglm3_special_tokens_and_decode():
     assert tok("chatglm2-6b").special.get("<|user|>") is None
 
 
+@pytest.mark.parametrize("gen", list(GENERATIONS))
+def test_ids_beyond_the_vocabulary_decode_to_nothing(gen):
+    # the embedding has padding rows past the tokenizer (ChatGLM-6B: 130528 rows) and a sampler can pick them;
+    # decoding (also while streaming) must not raise
+    t = tok(gen)
+    ids = t.encode_plain("你好 hello")
+    beyond = [t.vocab_size + 5, 10**7]
+    assert t.decode(ids[:1] + beyond + ids[1:]) == t.decode(ids)
+    assert "".join(stream(t, ids[:1] + beyond + ids[1:])) == t.decode(ids)
+
+
 def stream(t, ids):
     d = IncrementalDecoder(t)
     pieces = [d.push(i) for i in ids]
