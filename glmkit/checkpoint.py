@@ -403,9 +403,16 @@ def _copy_releasing(dst: torch.Tensor, src: torch.Tensor, release) -> None:
 
 
 def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = None,
-               progress: bool = False) -> tuple[GLM, LoadInfo]:
-    """Load a checkpoint folder (official layouts or ours) into a GLM in `dtype` on `device`."""
+               progress: bool = False, quantize=None) -> tuple[GLM, LoadInfo]:
+    """Load a checkpoint folder (official layouts or ours) into a GLM in `dtype` on `device`.
+
+    quantize ("int4", "int8", "int4:g64" or a quant.QuantSpec): quantize while loading, tensor by tensor, so
+    the float model never exists whole (peak: the quantized model plus the float tensors of one layer).
+    A folder written by `glmkit quantize` loads quantized by itself (its config.json says how).
+    """
     import time
+
+    from . import quant
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -416,21 +423,46 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'config.json'} lacks or mistypes a required field: {e}") from None
-    if cfg.quantization:
-        raise CheckpointError(f"{path} holds a quantized checkpoint ({cfg.quantization}); this build of glmkit "
-                              "cannot load it")
     layout = layout_of(cfg_dict)
     files = weight_files(path)
-    dt = resolve_dtype(dtype, cfg, device)
+    spec, prequantized = None, bool(cfg.quantization)
+    try:
+        if prequantized:
+            spec = quant.QuantSpec.from_dict(cfg.quantization)
+            if quantize is not None and quant.QuantSpec.parse(quantize) != spec:
+                raise CheckpointError(f"{path} is already quantized ({spec.to_dict()}); load it without "
+                                      "quantize=, or quantize the float checkpoint it came from")
+        elif quantize is not None:
+            spec = quant.QuantSpec.parse(quantize)
+    except quant.QuantError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    if spec is not None:
+        if torch.device(device).type != "cpu" and dtype is None:
+            dtype = "float16"
+        dt = resolve_dtype(dtype or "float32", cfg, device)
+        cfg.quantization = spec.to_dict()
+    else:
+        dt = resolve_dtype(dtype, cfg, device)
 
     with torch.device("meta"):
         model = GLM(cfg)
-    rev = _reverse_map(layout, model)
-    params = dict(model.named_parameters())
     tied = cfg.tie_word_embeddings
+    params = dict(model.named_parameters())           # float names and shapes (before any swap)
+    buffer_names: set[str] = set()
+    if prequantized:
+        quant.quant_skeleton(model, spec, act_dtype=dt)
+        # our layout, quantized: every parameter and buffer is stored under its own name
+        rev = {n: (n, 0, 1) for n, _ in list(model.named_parameters()) + list(model.named_buffers())}
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        buffer_names = {n for n, _ in model.named_buffers()}
+    else:
+        rev = _reverse_map(layout, model)
+        if spec is not None:
+            quant.quant_skeleton(model, spec, act_dtype=dt)
     if tied:
         rev = {k: v for k, v in rev.items() if v[0] != "output.weight"}
     filled: dict[str, list[bool]] = {}
+    pending: dict[str, torch.Tensor] = {}             # quantize-on-load: float weights being assembled
     info = LoadInfo(path=path, layout=layout, files=files)
 
     bar = None
@@ -452,14 +484,32 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
                 raise CheckpointError(f"tensor {name} in {fpath.name} has shape {tuple(src.shape)}, expected "
                                       f"{want} for this config.json")
             mod, leaf = _get_module(model, ours)
-            cur = getattr(mod, leaf)
-            if cur.is_meta:
-                cur = nn.Parameter(torch.empty(meta.shape, dtype=dt, device=device), requires_grad=False)
-                setattr(mod, leaf, cur)
+            to_quantize = not prequantized and isinstance(mod, (quant.QuantLinear, quant.QuantEmbedding))
+            if ours not in filled:
                 filled[ours] = [False] * n_parts
-            dst = cur.data if n_parts == 1 else cur.data[sum(rows[:part]):][:rows[part]]
+                if to_quantize and leaf == "weight":       # float staging copy, quantized once complete
+                    pending[ours] = torch.empty(meta.shape, dtype=src.dtype)
+                elif to_quantize:                          # a quantized layer's bias: fp32 buffer
+                    mod.bias = torch.empty(meta.shape, dtype=torch.float32, device=device)
+                elif ours in buffer_names:
+                    if src.dtype != meta.dtype:
+                        raise CheckpointError(f"tensor {name} in {fpath.name} is {src.dtype}, expected "
+                                              f"{meta.dtype} for this quantization")
+                    setattr(mod, leaf, torch.empty(meta.shape, dtype=meta.dtype, device=device))
+                else:
+                    setattr(mod, leaf, nn.Parameter(torch.empty(meta.shape, dtype=dt, device=device),
+                                                    requires_grad=False))
+            full = pending[ours] if ours in pending else getattr(mod, leaf)
+            dst = full if n_parts == 1 else full[sum(rows[:part]):][:rows[part]]
             _copy_releasing(dst, src, release)
             filled[ours][part] = True
+            if ours in pending and all(filled[ours]):
+                w = pending.pop(ours)
+                mod.set_weight(w)
+                if tied and ours == "tok_embeddings.weight" and isinstance(model.output, quant.QuantLinear):
+                    model.output.set_weight(w)
+                    filled["output.weight"] = [True]
+                del w
             if bar:
                 bar.update(1)
     if bar:
@@ -476,8 +526,10 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
     if missing:
         raise CheckpointError(f"{path} is missing tensor {missing[0]}"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if tied:
+    if tied and not isinstance(model.output, quant.QuantLinear):
         model.output.weight = model.tok_embeddings.weight
+    if spec is not None and device != "cpu":
+        model.to(device)
     model.eval()
     info.seconds = time.perf_counter() - t0
     return model, info
@@ -523,7 +575,7 @@ def save_model(model: GLM, out_dir, source_dir=None, max_shard_bytes: int = 4 <<
             {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
              "weight_map": wm}, indent=2))
     d = cfg.to_dict()
-    d["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    d["torch_dtype"] = str(model.dtype).replace("torch.", "")     # of the float tensors (norms if quantized)
     (out / "config.json").write_text(json.dumps(d, indent=2, ensure_ascii=False))
     if source_dir is not None:
         for name in TOKENIZER_FILES:

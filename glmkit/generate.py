@@ -79,7 +79,7 @@ class Generator:
 
     @property
     def device(self):
-        return self.model.output.weight.device
+        return self.model.device
 
     def _ensure_cache(self):
         m = self.model

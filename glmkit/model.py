@@ -243,14 +243,22 @@ class GLM(nn.Module):
             m = m | (k < state.ctx_len[:, None, None])
         return m.unsqueeze(1)
 
+    # --- where and in what dtype activations live (the norm weights: never quantized) ---------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     # --- cache ---------------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_seq: int, dtype=None, device=None):
         """Preallocate keys/values for `batch` rows of up to `max_seq` positions (<= config.max_seq_len)."""
         cfg = self.config
         if max_seq > cfg.max_seq_len:
             raise ValueError(f"cache of {max_seq} positions exceeds the model's {cfg.max_seq_len}")
-        p = self.output.weight
-        dtype, device = dtype or p.dtype, device or p.device
+        dtype, device = dtype or self.dtype, device or self.device
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, cfg.num_kv_heads, max_seq, cfg.head_dim, dtype, device)
         self.cache_batch, self.cache_len = batch, max_seq

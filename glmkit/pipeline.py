@@ -170,7 +170,7 @@ class Pipeline:
 
     @property
     def device(self):
-        return self.model.output.weight.device
+        return self.model.device
 
     # --- parameters --------------------------------------------------------------------------------------
     def sampling_params(self, **kw) -> SamplingParams:
@@ -233,11 +233,13 @@ def _generation_defaults(path: Path) -> dict:
 
 
 def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = None,
-         ctx: Optional[int] = None, progress: bool = False) -> Pipeline:
+         ctx: Optional[int] = None, progress: bool = False, quantize=None) -> Pipeline:
     """Load a model folder (official ChatGLM-6B/2/3, GLM-4 in either layout, or glmkit's own) -> Pipeline.
 
     dtype: None picks float32 on CPU for models under 1B parameters, else bfloat16 (float16 on CUDA unless the
-    checkpoint is bf16). ctx: context positions to allocate (default 8192, capped by the model).
+    checkpoint is bf16); quantized models compute in float32 on CPU. ctx: context positions to allocate
+    (default 8192, capped by the model). quantize: "int4" | "int8" | "int4:g64" quantizes while loading
+    (a folder written by `glmkit quantize` is quantized already and needs nothing).
     """
     if path is None:
         raise NoModelError(NO_MODEL_HELP)
@@ -247,7 +249,11 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeError("--device mps was asked for, but MPS is not available here")
     path = Path(path).expanduser()
-    model, info = load_model(path, dtype=dtype, device=device, family=family, progress=progress)
+    model, info = load_model(path, dtype=dtype, device=device, family=family, progress=progress,
+                             quantize=quantize)
+    if model.config.quantization:
+        from .quant import prepare_model
+        prepare_model(model)          # pack weights for the fast CPU kernels (no-op where they cannot run)
     tok = load_tokenizer(path, model.config.family)
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "

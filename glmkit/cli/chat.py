@@ -32,7 +32,7 @@ def run(args) -> int:
         pass
     pipe = load_pipeline(args)
     name = FAMILY_NAMES[pipe.config.family]
-    print(f"glmkit chat - {name} from {pipe.path} ({pipe.model.output.weight.dtype}, {pipe.device}, "
+    print(f"glmkit chat - {name} from {pipe.path} ({pipe.model.dtype}, {pipe.device}, "
           f"context {pipe.ctx})\n{HELP}", flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

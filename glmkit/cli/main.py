@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "chat": "Chat with a model in the terminal (streaming, multi-turn).",
     "generate": "Continue a raw prompt (no chat format) and print the result.",
+    "quantize": "Write an INT8/INT4 weight-only quantized copy of a model folder.",
 }
 
 
