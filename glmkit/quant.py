@@ -10,7 +10,8 @@ each with one float16 scale, scales [N, K // group]:
          nibble order inside each 32-block b of a row: byte b*16 + j holds element b*32 + j in its low nibble
          and element b*32 + 16 + j in its high nibble (ggml's order, so export is a plain interleave).
 Rounding follows ggml exactly: int8 scale = amax / 127, q = round half away from zero; int4 scale = m / -8
-with m the group's element of largest magnitude (sign kept), u = min(15, trunc(w / scale + 8.5)).
+with m the group's element of largest magnitude (sign kept), u = min(15, trunc(w * (1 / scale) + 8.5)) (the
+fp32 reciprocal, as ggml: w / scale can round differently at half-way points).
 
 Two compute paths with one meaning:
   reference   dequantize (row chunks, so no full-size float copy) + F.linear: portable (CPU/CUDA/MPS), used

@@ -9,6 +9,7 @@ COMMANDS = {
     "chat": "Chat with a model in the terminal (streaming, multi-turn).",
     "generate": "Continue a raw prompt (no chat format) and print the result.",
     "quantize": "Write an INT8/INT4 weight-only quantized copy of a model folder.",
+    "export-gguf": "Write a model as a GGUF file for llama.cpp (q4_0, q8_0, f16, f32).",
 }
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"glmkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        mod = importlib.import_module(f".{name}", __package__)
+        mod = importlib.import_module(f".{name.replace('-', '_')}", __package__)
         sp = sub.add_parser(name, help=help_text, description=help_text, epilog=mod.EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(sp)
