@@ -15,11 +15,13 @@ fp32 reciprocal, as ggml: w / scale can round differently at half-way points).
 
 Two compute paths with one meaning:
   reference   dequantize (row chunks, so no full-size float copy) + F.linear: portable (CPU/CUDA/MPS), used
-              by tests as the definition, and for prefill (many tokens) on CPU, where an fp32 GEMM on
-              dequantized tiles beats integer dot products (this CPU has no bf16 or VNNI hardware).
+              by tests as the definition, and wherever the fast path cannot run.
   fast        glmkit.kernels (C, AVX2): activations quantized to int8 per 32-block, integer dot products,
-              threads over output rows. Used for decode-sized inputs (rows <= FAST_MAX_ROWS) on CPU when the
-              extension is built and the CPU has AVX2; otherwise the reference path runs.
+              threads over output rows, on the weights re-laid-out once by prepare() (the canonical copy is
+              then dropped: one copy of the weights in memory). Used on CPU for every batch size: measured on
+              a 13696x4096 layer with 2 threads, it decodes (1 row) at the memory bandwidth and handles a
+              512-token prefill at 0.41 ms/token (int4) against 0.88 ms/token for an fp32 GEMM on the
+              dequantized weight (this CPU has no bf16 or VNNI hardware).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 BLOCK = 32                      # sub-block of the int4 nibble layout and of the kernels' activation quantization
 CHUNK_BYTES = 64 << 20          # reference path: dequantize at most this many fp32 bytes at a time
-FAST_MAX_ROWS = 16              # inputs with more rows (prefill) take dequantize + fp32 GEMM (measured)
+FAST_ROWS_PER_CALL = 256        # prefill goes through the kernel in slices of this many rows
 
 
 class QuantError(ValueError):
@@ -188,10 +190,10 @@ class QuantLinear(nn.Module):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise QuantError(f"weight of shape {tuple(weight.shape)} for a {self.out_features}x{self.in_features} "
                              "layer")
+        self._packed = None
         self.qweight, self.scales = quantize_tensor(weight, self.bits, self.group)
         if bias is not None:
             self.bias = bias.detach().to("cpu", torch.float32).clone()
-        self._packed = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -202,12 +204,20 @@ class QuantLinear(nn.Module):
         """The dequantized weight [N, K] in fp32 (a fresh tensor; for inspection and tests, not for compute)."""
         return dequantize_tensor(self.qweight, self.scales, self.bits, self.group)
 
+    def _unprepare(self):
+        """Back to the canonical buffers (before moves and state_dict loads)."""
+        if self._packed is not None and self._buffers.get("qweight") is None:
+            from . import kernels
+            self._buffers["qweight"], self._buffers["scales"] = kernels.unpack(
+                self.bits, self._packed, self.out_features, self.in_features, self.group)
+        self._packed, self._no_fast = None, False
+
     def _apply(self, fn, recurse=True):
-        self._packed, self._no_fast = None, False      # device/dtype moves invalidate the kernel copy
+        self._unprepare()                                  # device/dtype moves invalidate the kernel copy
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None
+        self._unprepare()
         return super()._load_from_state_dict(*args, **kwargs)
 
     # --- fast path ------------------------------------------------------------------------------------
@@ -222,7 +232,25 @@ class QuantLinear(nn.Module):
             self._no_fast = True          # not again for every call; a move (_apply) asks again
             return False
         self._packed = k.pack(self.bits, self.qweight, self.scales, self.group)
+        self._buffers["qweight"] = self._buffers["scales"] = None     # one copy of the weights: the packed one
         return True
+
+    def __getattr__(self, name):
+        # qweight/scales after prepare(): rebuilt from the packed copy on demand (saving, export, reference path)
+        if name in ("qweight", "scales"):
+            bufs = self.__dict__["_buffers"]
+            if bufs.get(name) is None and self.__dict__.get("_packed") is not None:
+                from . import kernels
+                q, s = kernels.unpack(self.bits, self._packed, self.out_features, self.in_features, self.group)
+                return q if name == "qweight" else s
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._buffers.get("qweight") is None and self._packed is not None:
+            from . import kernels
+            q, s = kernels.unpack(self.bits, self._packed, self.out_features, self.in_features, self.group)
+            destination[prefix + "qweight"], destination[prefix + "scales"] = q, s
 
     # --- compute --------------------------------------------------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,21 +259,29 @@ class QuantLinear(nn.Module):
         dt = x.dtype if x.dtype.is_floating_point else torch.float32
         y = torch.empty((x2.shape[0], N), dtype=dt, device=x.device)
         rows = max(1, CHUNK_BYTES // (4 * K))
+        qw, sc = self.qweight, self.scales
         for r in range(0, N, rows):
-            w = dequantize_tensor(self.qweight[r:r + rows], self.scales[r:r + rows], self.bits, self.group, dt)
+            w = dequantize_tensor(qw[r:r + rows], sc[r:r + rows], self.bits, self.group, dt)
             torch.matmul(x2, w.t(), out=y[:, r:r + rows])
         if self.bias is not None:
             y += self.bias.to(dt)
         return y.view(*x.shape[:-1], N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.in_features
-        M = x.numel() // K
-        if M <= FAST_MAX_ROWS and x.device.type == "cpu" and (self._packed is not None or self.prepare()):
+        K, N = self.in_features, self.out_features
+        if self.use_fast and x.device.type == "cpu" and (self._packed is not None or self.prepare()):
+            M = x.numel() // K
             x2 = x.reshape(M, K)
             xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
-            y = _fast().gemm(self.bits, xf, self._packed, self.bias, self.out_features, K, self.group)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            gemm = _fast().gemm
+            if M <= FAST_ROWS_PER_CALL:
+                y = gemm(self.bits, xf, self._packed, self.bias, N, K, self.group)
+            else:
+                y = torch.empty((M, N), dtype=torch.float32)
+                for r in range(0, M, FAST_ROWS_PER_CALL):
+                    gemm(self.bits, xf[r:r + FAST_ROWS_PER_CALL], self._packed, self.bias, N, K, self.group,
+                         out=y[r:r + FAST_ROWS_PER_CALL])
+            return y.to(x.dtype).view(*x.shape[:-1], N)
         return self.forward_reference(x)
 
 

@@ -272,3 +272,25 @@ def test_perplexity_increase(trained, spec, limit):
     qppl = _tiny_trained.perplexity(q, held)
     print(f"{spec}: byte perplexity {ppl:.4f} -> {qppl:.4f} ({(qppl / ppl - 1) * 100:+.2f}%)")
     assert qppl / ppl - 1 <= limit
+
+
+@needs_kernels
+def test_prepared_layer_keeps_one_copy_and_still_saves(tmp_path):
+    lin, q = _layer(40, 128, 4, 32, bias=True)
+    q.use_fast = False
+    x = torch.randn(300, 128)                                  # > one kernel slice of rows
+    ref = q(x)
+    sd_before = {k: v.clone() for k, v in q.state_dict().items()}
+    q.use_fast = True
+    assert q.prepare()
+    assert q._buffers["qweight"] is None and q._buffers["scales"] is None     # only the packed copy is kept
+    sd_after = q.state_dict()
+    assert sorted(sd_after) == sorted(sd_before) and all(torch.equal(sd_after[k], sd_before[k]) for k in sd_before)
+    assert torch.equal(q.qweight, sd_before["qweight"])
+    fast = q(x)
+    bound = 0.01 * (x.abs().amax(-1, keepdim=True) * q.weight.abs().sum(-1)) + 1e-4
+    assert ((fast - ref).abs() <= bound).all()
+    q.use_fast = False
+    torch.testing.assert_close(q(x), ref)                     # reference path from the packed copy
+    q.load_state_dict(sd_before)                              # loading goes back to canonical buffers
+    assert q._buffers["qweight"] is not None and q._packed is None
