@@ -52,7 +52,7 @@ def default_dir(layers: int) -> Path:
     return Path(f"/tmp/glmkit-bench/chatglm3-6b-random{suffix}")
 
 
-def is_complete(ckpt_dir: Path, layers: int) -> bool:
+def is_complete(ckpt_dir: Path, layers: int, tokenizer_files=TOKENIZER_FILES) -> bool:
     """The index is written last, so its presence (plus every shard it names) means a finished write."""
     index, config = ckpt_dir / INDEX_NAME, ckpt_dir / "config.json"
     if not (index.is_file() and config.is_file()):
@@ -60,12 +60,12 @@ def is_complete(ckpt_dir: Path, layers: int) -> bool:
     if json.loads(config.read_text())["num_layers"] != layers:
         return False
     shard_names = set(json.loads(index.read_text())["weight_map"].values())
-    return all((ckpt_dir / n).is_file() for n in shard_names | set(TOKENIZER_FILES))
+    return all((ckpt_dir / n).is_file() for n in shard_names | set(tokenizer_files))
 
 
-def official_tensor_specs(hf_config: dict) -> list[tuple[str, tuple[int, ...]]]:
+def official_tensor_specs(hf_config: dict, family: str = "chatglm3") -> list[tuple[str, tuple[int, ...]]]:
     """(official name, shape) for every tensor of the official files, in model order."""
-    cfg = from_hf(hf_config, family="chatglm3")
+    cfg = from_hf(hf_config, family=family)
     with torch.device("meta"):      # shapes only, no memory
         model = glmkit.model.GLM(cfg)
     specs = []
@@ -82,12 +82,14 @@ def official_tensor_specs(hf_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return specs
 
 
-def write_checkpoint(ckpt_dir: Path, layers: int):
-    """Random bf16 weights in the official layout, generated shard by shard so memory stays ~one shard."""
+def write_checkpoint(ckpt_dir: Path, layers: int, hf_config: dict | None = None, family: str = "chatglm3",
+                     tokenizer_dir: Path | None = OFFICIAL_DIR):
+    """Random bf16 weights in the official layout, generated shard by shard so memory stays ~one shard.
+    Default: ChatGLM3-6B's published config.json; another generation's (e.g. a preset's) when given."""
 
-    hf_config = json.loads((OFFICIAL_DIR / "config.json").read_text())
+    hf_config = dict(hf_config or json.loads((OFFICIAL_DIR / "config.json").read_text()))
     hf_config.update(torch_dtype="bfloat16", num_layers=layers)
-    specs = official_tensor_specs(hf_config)
+    specs = official_tensor_specs(hf_config, family)
 
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]   # plan all shards first: file names need the count
     shard_bytes = 0
@@ -104,8 +106,8 @@ def write_checkpoint(ckpt_dir: Path, layers: int):
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(OFFICIAL_DIR / name, ckpt_dir / name)
+    for name in TOKENIZER_FILES if tokenizer_dir else ():
+        shutil.copyfile(tokenizer_dir / name, ckpt_dir / name)
 
     gen = torch.Generator().manual_seed(0)
     weight_map = {}

@@ -402,6 +402,18 @@ def _copy_releasing(dst: torch.Tensor, src: torch.Tensor, release) -> None:
         release(r * row_bytes, min(r + step, src.shape[0]) * row_bytes)
 
 
+def _quantize_releasing(targets, r0: int, src: torch.Tensor, release) -> None:
+    """Quantize src's rows into rows r0.. of each target (QuantLinear/QuantEmbedding) in ~64 MB slices,
+    dropping each slice's mapped source pages once done (peak: the quantized model plus one slice)."""
+    row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 1
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    for r in range(0, src.shape[0], step):
+        for t in targets:
+            t.set_rows(r0 + r, src[r:r + step])
+        release(r * row_bytes, min(r + step, src.shape[0]) * row_bytes)
+    release()
+
+
 def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = None,
                progress: bool = False, quantize=None) -> tuple[GLM, LoadInfo]:
     """Load a checkpoint folder (official layouts or ours) into a GLM in `dtype` on `device`.
@@ -462,7 +474,6 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
     if tied:
         rev = {k: v for k, v in rev.items() if v[0] != "output.weight"}
     filled: dict[str, list[bool]] = {}
-    pending: dict[str, torch.Tensor] = {}             # quantize-on-load: float weights being assembled
     info = LoadInfo(path=path, layout=layout, files=files)
 
     bar = None
@@ -487,8 +498,10 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
             to_quantize = not prequantized and isinstance(mod, (quant.QuantLinear, quant.QuantEmbedding))
             if ours not in filled:
                 filled[ours] = [False] * n_parts
-                if to_quantize and leaf == "weight":       # float staging copy, quantized once complete
-                    pending[ours] = torch.empty(meta.shape, dtype=src.dtype)
+                if to_quantize and leaf == "weight":       # quantized in row slices straight from the file
+                    mod.alloc_weight()
+                    if tied and ours == "tok_embeddings.weight" and isinstance(model.output, quant.QuantLinear):
+                        model.output.alloc_weight()
                 elif to_quantize:                          # a quantized layer's bias: fp32 buffer
                     mod.bias = torch.empty(meta.shape, dtype=torch.float32, device=device)
                 elif ours in buffer_names:
@@ -499,17 +512,19 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
                 else:
                     setattr(mod, leaf, nn.Parameter(torch.empty(meta.shape, dtype=dt, device=device),
                                                     requires_grad=False))
-            full = pending[ours] if ours in pending else getattr(mod, leaf)
-            dst = full if n_parts == 1 else full[sum(rows[:part]):][:rows[part]]
-            _copy_releasing(dst, src, release)
-            filled[ours][part] = True
-            if ours in pending and all(filled[ours]):
-                w = pending.pop(ours)
-                mod.set_weight(w)
+            r0 = sum(rows[:part]) if n_parts > 1 else 0
+            if to_quantize and leaf == "weight":
+                # no float copy of the weight ever exists whole: quantize ~64 MB of rows at a time
+                targets = [mod]
                 if tied and ours == "tok_embeddings.weight" and isinstance(model.output, quant.QuantLinear):
-                    model.output.set_weight(w)
+                    targets.append(model.output)
                     filled["output.weight"] = [True]
-                del w
+                _quantize_releasing(targets, r0, src, release)
+            else:
+                full = getattr(mod, leaf)
+                dst = full if n_parts == 1 else full[r0:][:rows[part]]
+                _copy_releasing(dst, src, release)
+            filled[ours][part] = True
             if bar:
                 bar.update(1)
     if bar:
