@@ -532,15 +532,36 @@ class ResponseParser:
         self.content = ContentStream(fmt.punct_fullwidth)
         self.text = ""                       # content given out so far
         self.tool_calls: list[ToolCall] = []
+        # streaming of tool calls (the server's delta.tool_calls), drained by the caller:
+        #   ("start", index, id, name)  once the name line names one of the offered tools
+        #   ("args", index, text)       arguments text (GLM-4: as generated; ChatGLM3: the JSON once parsed)
+        self.events: list[tuple] = []
+        self._started: Optional[tuple[int, str]] = None      # (index, id) of the call being streamed
         self._new_segment(prompt.forced_tool)
 
     def _new_segment(self, forced: Optional[str] = None):
+        self._started = None
         if not self.roles:
             self.state = "content"
         elif forced:
             self.state, self.meta, self.body = "tool", forced, ""
+            self._start_call(forced)
         else:
             self.state, self.meta, self.body = "meta", "", ""
+
+    def _start_call(self, name: str, parsed: bool = False):
+        if parsed or name in {t["function"]["name"] for t in self.prompt.tools}:
+            self._started = (len(self.tool_calls), "call_" + uuid.uuid4().hex[:24])
+            self.events.append(("start", self._started[0], self._started[1], name))
+
+    def _stream_args(self, piece: str):
+        if self._started is None or self.fmt.family == "chatglm3":
+            return
+        if not self.body.strip():                        # nothing but whitespace so far: drop it
+            return
+        if not self.body[:len(self.body) - len(piece)].strip():
+            piece = self.body.lstrip()                   # the first non-blank text of the arguments
+        self.events.append(("args", self._started[0], piece))
 
     def _text(self, piece: str, final: bool = False) -> str:
         out = ""
@@ -550,6 +571,8 @@ class ResponseParser:
                 self.meta, rest = self.meta.split("\n", 1)
                 if self.meta.strip():
                     self.state, self.body = "tool", rest
+                    self._start_call(self.meta.strip())
+                    self._stream_args(rest)
                 else:
                     self.state = "content"
                     out += self.content.push(rest)
@@ -561,6 +584,7 @@ class ResponseParser:
             out += self.content.push(piece)
         else:
             self.body += piece
+            self._stream_args(piece)
         return out
 
     def _close_segment(self) -> str:
@@ -569,6 +593,12 @@ class ResponseParser:
             return ""
         call = self._parse_call(self.meta.strip(), self.body)
         if call is not None:
+            streamed = self._started is not None and self.fmt.family != "chatglm3"
+            if self._started is None:
+                self._start_call(call.name, parsed=True)
+            call.id = self._started[1]
+            if not streamed:
+                self.events.append(("args", self._started[0], call.arguments))
             self.tool_calls.append(call)
             return ""
         return self.content.push(self.meta + "\n" + self.body)

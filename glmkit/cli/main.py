@@ -10,6 +10,7 @@ COMMANDS = {
     "generate": "Continue a raw prompt (no chat format) and print the result.",
     "quantize": "Write an INT8/INT4 weight-only quantized copy of a model folder.",
     "export-gguf": "Write a model as a GGUF file for llama.cpp (q4_0, q8_0, f16, f32).",
+    "serve": "Serve a model over HTTP: OpenAI-compatible API, ChatGLM's api.py route, web chat.",
 }
 
 

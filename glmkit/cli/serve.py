@@ -1,0 +1,60 @@
+"""glmkit serve: an OpenAI-compatible HTTP server (with ChatGLM's legacy route and a web chat page)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .common import add_model_args, load_pipeline
+
+EXAMPLES = """examples:
+  glmkit serve --model ~/models/chatglm3-6b                      # http://127.0.0.1:8000 (web chat at /)
+  glmkit serve --model ~/models/glm-4-9b-chat -q int4 --parallel 8 --api-key secret --host 0.0.0.0
+
+then, with the openai client:
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
+  client.chat.completions.create(model="chatglm3-6b", messages=[{"role": "user", "content": "你好"}])
+
+routes: GET / (web chat), GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions,
+        POST /v1/completions, POST / (ChatGLM api.py: {prompt, history, max_length, top_p, temperature})"""
+
+
+def add_arguments(p):
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("GLMKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GLMKIT_API_KEY; none = open)")
+    g.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="sequences decoded together in one batch (default 4)")
+    g.add_argument("--max-queue", type=int, default=64, metavar="M",
+                   help="requests that may wait for a slot; more get HTTP 429 (default 64)")
+    g.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="longest a request may take; then it ends with finish_reason 'length' (default 600)")
+    g.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the model folder's name)")
+    g.add_argument("--max-body", type=int, default=4 << 20, metavar="BYTES",
+                   help="largest request body accepted (default 4 MiB; larger: HTTP 413)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from ..server.app import ServerSettings, create_app
+
+    for name in ("parallel", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    pipe = load_pipeline(args)
+    name = args.model_name or Path(args.model).expanduser().resolve().name
+    settings = ServerSettings(model_id=name, api_key=args.api_key, parallel=args.parallel,
+                              max_queue=args.max_queue, request_timeout=args.timeout, max_body_bytes=args.max_body)
+    app = create_app(pipe, settings)
+    print(f"glmkit serve: {name} ({pipe.config.family}, context {pipe.ctx}, {args.parallel} slots) on "
+          f"http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,548 @@
+"""The HTTP edge: OpenAI-compatible routes, ChatGLM's legacy route, metrics and the web chat page.
+
+Handlers parse and validate the request, render the chat template and tokenize, then hand the worker
+(engine.py) an EngineRequest; its token ids come back through an asyncio queue and become text here
+(ResponseParser: content + tool calls; StopStringFilter: `stop`). The model is touched by the worker only.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat_format import ChatFormatError, Prompt
+from ..pipeline import Pipeline, StopStringFilter
+from ..sampling import SamplingParams
+from . import schemas
+from .engine import Engine, EngineRequest, QueueFull
+from .metrics import Metrics
+from .schemas import APIError
+
+log = logging.getLogger("glmkit.server")
+
+
+@dataclass
+class ServerSettings:
+    model_id: str
+    api_key: Optional[str] = None
+    parallel: int = 4
+    max_queue: int = 64
+    request_timeout: float = 600.0          # seconds from arrival; then the answer ends with "length"
+    max_body_bytes: int = 4 << 20
+    retry_after: int = 2                    # seconds, in 429 answers
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ASGI edge: body size limit (413) and per-endpoint status counts for /metrics
+# ------------------------------------------------------------------------------------------------------------
+
+class _Edge:
+    def __init__(self, app, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        status = {"code": 0}
+
+        async def send_wrapped(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length")
+        too_big = False
+        if cl is not None:
+            try:
+                too_big = int(cl) > self.limit
+            except ValueError:
+                too_big = False
+        if too_big:
+            await self._413(send_wrapped)
+        else:
+            seen = {"n": 0}
+
+            async def receive_limited():
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    seen["n"] += len(msg.get("body", b""))
+                    if seen["n"] > self.limit:
+                        raise APIError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+                return msg
+
+            await self.app(scope, receive_limited, send_wrapped)
+        if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"):
+            self.metrics.request(path, status["code"])
+
+    async def _413(self, send):
+        body = json.dumps(APIError(413, f"request body exceeds {self.limit} bytes",
+                                   code="request_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One answer: token ids from the worker -> text pieces, tool-call events, logprobs
+# ------------------------------------------------------------------------------------------------------------
+
+class _Answer:
+    def __init__(self, pipe: Pipeline, prompt: Prompt, stops, raw: bool):
+        self.tok = pipe.tokenizer
+        self.parser = None if raw else pipe.chat_format.parser(prompt)
+        self.decoder = self.tok.decoder() if raw else None
+        self.stops = StopStringFilter(stops)
+
+    def feed(self, token_id: int) -> tuple[str, list]:
+        piece = self.decoder.push(token_id) if self.decoder else self.parser.feed(token_id)
+        return self._out(piece), self._events()
+
+    def finish(self) -> tuple[str, list]:
+        if self.stops.stopped:
+            return "", self._events()
+        tail = self.decoder.flush() if self.decoder else self.parser.finish()
+        return self._out(tail) + self.stops.flush(), self._events()
+
+    def _out(self, piece: str) -> str:
+        return self.stops.push(piece) if piece else ""
+
+    def _events(self) -> list:
+        if self.parser is None or not self.parser.events:
+            return []
+        ev, self.parser.events = self.parser.events, []
+        return ev
+
+    @property
+    def tool_calls(self) -> list:
+        return [] if (self.parser is None or self.stops.stopped) else self.parser.tool_calls
+
+
+def _lp_entry(tok, token_id: int, lp) -> dict:
+    def one(i, v):
+        t = tok.decode([i], skip_special_tokens=False)
+        return {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+    chosen, alts = lp
+    d = one(token_id, chosen)
+    d["top_logprobs"] = [one(i, v) for i, v in alts]
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------------------------
+
+def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
+    metrics = Metrics()
+    engine = Engine(pipe.model, pipe.ctx, parallel=settings.parallel, max_queue=settings.max_queue,
+                    on_step=metrics.step)
+    tok, fmt = pipe.tokenizer, pipe.chat_format
+    started = int(time.time())
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
+                  description=f"OpenAI-compatible server for {settings.model_id}")
+    app.state.engine, app.state.metrics, app.state.settings, app.state.pipe = engine, metrics, settings, pipe
+
+    # --- errors: always OpenAI's shape ------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        msg = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                      str(exc.detail))
+        return JSONResponse(APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None)
+                            .body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+
+    def auth(request: Request):
+        if not settings.api_key:
+            return
+        h = request.headers.get("authorization", "")
+        given = h[7:].strip() if h[:7].lower() == "bearer " else ""
+        if not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY'", code="missing_api_key")
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    def check_model(name: str):
+        if name != settings.model_id:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{settings.model_id}'",
+                           param="model", code="model_not_found")
+
+    def sampling(r, max_tokens, **extra) -> SamplingParams:
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
+                           code="invalid_value")
+        if r.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
+        stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
+        if len(stop) > 16:
+            raise APIError(400, "at most 16 stop sequences", param="stop", code="invalid_value")
+        try:
+            return pipe.sampling_params(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                                        repetition_penalty=r.repetition_penalty,
+                                        presence_penalty=r.presence_penalty,
+                                        frequency_penalty=r.frequency_penalty, max_tokens=max_tokens,
+                                        stop=tuple(stop), **extra)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+
+    def check_length(n: int):
+        if n >= pipe.ctx:
+            raise APIError(400, f"the prompt has {n} tokens, but the context of this server is {pipe.ctx} tokens "
+                                f"(at least one position is needed for the answer)", param="messages",
+                           code="context_length_exceeded")
+
+    def submit(ids, params, constraint=None, logprobs=None) -> tuple[EngineRequest, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev):
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        ereq = EngineRequest(ids, params, fmt.stop_ids, emit, constraint=constraint, logprobs=logprobs,
+                             deadline=time.monotonic() + settings.request_timeout)
+        try:
+            engine.submit(ereq)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", code="queue_full",
+                           headers={"Retry-After": str(settings.retry_after)}) from None
+        return ereq, q
+
+    async def run(request: Request, ereq: EngineRequest, q: asyncio.Queue, ans: _Answer,
+                  watch_disconnect: bool) -> AsyncIterator[tuple]:
+        """Worker events -> ("text", piece, [logprob entries]) / ("tool", event) / ("end", reason) items."""
+        pending_lp: list = []
+        reason = None
+        try:
+            while True:
+                if watch_disconnect:
+                    try:
+                        ev = await asyncio.wait_for(q.get(), 0.25)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            ereq.cancel()
+                            return
+                        continue
+                else:
+                    ev = await q.get()
+                if ev[0] == "token":
+                    _, tid, lp = ev
+                    if lp is not None:
+                        pending_lp.append(_lp_entry(tok, tid, lp))
+                    if ans.stops.stopped:
+                        continue                       # tokens generated before the cancel lands
+                    piece, events = ans.feed(tid)
+                    for e in events:
+                        yield ("tool", e)
+                    if piece:
+                        yield ("text", piece, pending_lp)
+                        pending_lp = []
+                    if ans.stops.stopped:
+                        ereq.cancel()
+                elif ev[0] == "error":
+                    raise APIError(500, ev[1], code="inference_error")
+                else:                                   # done
+                    reason = ev[1]
+                    break
+            if not ans.stops.stopped:
+                piece, events = ans.finish()
+                for e in events:
+                    yield ("tool", e)
+                if piece or pending_lp:
+                    yield ("text", piece, pending_lp)
+                    pending_lp = []
+            if ans.tool_calls:
+                reason = "tool_calls"
+            elif ans.stops.stopped or reason == "cancelled":
+                reason = "stop"
+            yield ("end", reason, pending_lp)
+        finally:
+            ereq.cancel()                               # a no-op once finished; frees the slot otherwise
+            if ereq.finished or ereq.stats.new_tokens:
+                metrics.finished(ereq.stats)
+
+    def usage(st) -> dict:
+        return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
+                "total_tokens": st.prompt_tokens + st.new_tokens}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    # --- routes -----------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_id, "slots": settings.parallel,
+                "active": engine.active_count, "queue": engine.queue_depth}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        auth(request)
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": started,
+                                            "owned_by": "glmkit", "context_length": pipe.ctx}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str, request: Request):
+        auth(request)
+        check_model(model_id)
+        return {"id": settings.model_id, "object": "model", "created": started, "owned_by": "glmkit"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine.queue_depth, engine.active_count, settings.parallel),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_page():
+        from importlib import resources
+        try:
+            html = (resources.files("glmkit.server") / "web" / "index.html").read_text(encoding="utf-8")
+        except (FileNotFoundError, OSError):
+            html = "<!doctype html><title>glmkit</title><p>The web page is not installed with this package.</p>"
+        return HTMLResponse(html)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        auth(request)
+        r = schemas.parse(schemas.ChatRequest, await request.body())
+        check_model(r.model)
+        max_tokens = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}",
+                           param="max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens",
+                           code="invalid_value")
+        params = sampling(r, max_tokens)
+        tools, tool_choice = r.tools, r.tool_choice
+        if tools is None and r.functions:                                  # legacy functions API
+            tools = [{"type": "function", "function": f} for f in r.functions]
+            fc = r.function_call
+            tool_choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
+        messages = [m.model_dump(exclude_none=True) for m in r.messages]
+        try:
+            prompt = fmt.render(messages, tools=tools, tool_choice=tool_choice)
+        except ChatFormatError as e:
+            msg = str(e)
+            param = "tools" if msg.startswith("tools") else "tool_choice" if "tool_choice" in msg else "messages"
+            raise APIError(400, msg, param=param, code="invalid_value") from None
+        check_length(len(prompt.ids))
+        constraint = _constraint(pipe, r.response_format, prompt, params)
+        k = (r.top_logprobs or 0) if r.logprobs else None
+        ereq, q = submit(prompt.ids, params, constraint, k)
+        ans = _Answer(pipe, prompt, params.stop, raw=False)
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        include_usage = bool((r.stream_options or {}).get("include_usage"))
+
+        def chunk(delta, finish=None, lps=None) -> dict:
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": settings.model_id,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": {"content": lps} if lps else None,
+                              "finish_reason": finish}]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        if r.stream:
+            async def stream():
+                yield sse(chunk({"role": "assistant", "content": ""}))
+                try:
+                    async for item in run(request, ereq, q, ans, watch_disconnect=False):
+                        if item[0] == "text":
+                            yield sse(chunk({"content": item[1]}, lps=item[2] if k is not None else None))
+                        elif item[0] == "tool":
+                            yield sse(chunk({"tool_calls": [_tool_delta(item[1])]}))
+                        else:
+                            yield sse(chunk({}, item[1], lps=item[2] if k is not None else None))
+                    if include_usage:
+                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                   "model": settings.model_id, "choices": [], "usage": usage(ereq.stats)})
+                except APIError as e:
+                    yield sse(e.body())
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        text, lps, reason = [], [], "stop"
+        async for item in run(request, ereq, q, ans, watch_disconnect=True):
+            if item[0] == "text":
+                text.append(item[1])
+                lps += item[2]
+            elif item[0] == "end":
+                reason = item[1]
+                lps += item[2]
+        content = "".join(text)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if ans.tool_calls:
+            msg["tool_calls"] = [c.to_openai() for c in ans.tool_calls]
+            msg["content"] = content or None
+        return {"id": cid, "object": "chat.completion", "created": created, "model": settings.model_id,
+                "choices": [{"index": 0, "message": msg, "logprobs": {"content": lps} if k is not None else None,
+                             "finish_reason": reason}],
+                "usage": usage(ereq.stats)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        auth(request)
+        r = schemas.parse(schemas.CompletionRequest, await request.body())
+        check_model(r.model)
+        params = sampling(r, r.max_tokens if r.max_tokens is not None else 16)
+        p = r.prompt
+        if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+            if len(p) != 1:
+                raise APIError(400, "one prompt per request (a list of several prompts is not supported)",
+                               param="prompt", code="invalid_value")
+            p = p[0]
+        if isinstance(p, str):
+            if not p:
+                raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+            ids = tok.encode(p)        # GLM: [gMASK]<sop> appended; a prompt with [MASK]/[sMASK] is infilled
+            prompt_text = p
+        else:
+            if not p:
+                raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+            V = pipe.config.vocab_size
+            if any(i < 0 or i >= V for i in p):
+                raise APIError(400, f"token ids must be in [0, {V})", param="prompt", code="invalid_value")
+            ids = list(p)
+            prompt_text = tok.decode(ids)
+        check_length(len(ids))
+        k = r.logprobs
+        ereq, q = submit(ids, params, None, k)
+        ans = _Answer(pipe, Prompt(ids=ids), params.stop, raw=True)
+        cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        include_usage = bool((r.stream_options or {}).get("include_usage"))
+
+        def lp_block(entries) -> Optional[dict]:
+            if k is None:
+                return None
+            return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                    "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+                    "text_offset": []}
+
+        def chunk(text, finish=None, entries=()) -> dict:
+            c = {"id": cid, "object": "text_completion", "created": created, "model": settings.model_id,
+                 "choices": [{"index": 0, "text": text, "logprobs": lp_block(list(entries)),
+                              "finish_reason": finish}]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        if r.stream:
+            async def stream():
+                try:
+                    if r.echo:
+                        yield sse(chunk(prompt_text))
+                    async for item in run(request, ereq, q, ans, watch_disconnect=False):
+                        if item[0] == "text":
+                            yield sse(chunk(item[1], entries=item[2]))
+                        elif item[0] == "end":
+                            yield sse(chunk("", item[1], entries=item[2]))
+                    if include_usage:
+                        yield sse({"id": cid, "object": "text_completion", "created": created,
+                                   "model": settings.model_id, "choices": [], "usage": usage(ereq.stats)})
+                except APIError as e:
+                    yield sse(e.body())
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        text, entries, reason = [], [], "stop"
+        async for item in run(request, ereq, q, ans, watch_disconnect=True):
+            if item[0] == "text":
+                text.append(item[1])
+                entries += item[2]
+            elif item[0] == "end":
+                reason = item[1]
+                entries += item[2]
+        out = ("".join([prompt_text]) if r.echo else "") + "".join(text)
+        return {"id": cid, "object": "text_completion", "created": created, "model": settings.model_id,
+                "choices": [{"index": 0, "text": out, "logprobs": lp_block(entries), "finish_reason": reason}],
+                "usage": usage(ereq.stats)}
+
+    @app.post("/")
+    async def legacy_chatglm(request: Request):
+        """ChatGLM-6B's api.py (what LangChain's ChatGLM LLM class calls)."""
+        auth(request)
+        r = schemas.parse(schemas.LegacyRequest, await request.body())
+        messages = []
+        for i, pair in enumerate(r.history):
+            if len(pair) != 2:
+                raise APIError(400, f"history[{i}] must be a [question, answer] pair", param="history",
+                               code="invalid_value")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages.append({"role": "user", "content": r.prompt})
+        try:
+            prompt = fmt.render(messages)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
+        check_length(len(prompt.ids))
+        max_new = None
+        if r.max_length is not None:                    # the official max_length counts the prompt too
+            max_new = r.max_length - len(prompt.ids)
+            if max_new < 1:
+                raise APIError(400, f"max_length {r.max_length} leaves no room after the prompt's "
+                                    f"{len(prompt.ids)} tokens", param="max_length", code="invalid_value")
+        try:
+            params = pipe.sampling_params(temperature=r.temperature, top_p=r.top_p, max_tokens=max_new)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+        ereq, q = submit(prompt.ids, params)
+        ans = _Answer(pipe, prompt, (), raw=False)
+        text = []
+        async for item in run(request, ereq, q, ans, watch_disconnect=True):
+            if item[0] == "text":
+                text.append(item[1])
+        response = "".join(text)
+        return {"response": response, "history": [list(p) for p in r.history] + [[r.prompt, response]],
+                "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    edge = _Edge(app, settings.max_body_bytes, metrics)
+    edge.fastapi, edge.engine = app, engine
+    return edge
+
+
+def _tool_delta(ev) -> dict:
+    if ev[0] == "start":
+        _, idx, cid, name = ev
+        return {"index": idx, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}}
+    _, idx, text = ev
+    return {"index": idx, "function": {"arguments": text}}
+
+
+def _constraint(pipe: Pipeline, response_format, prompt: Prompt, params: SamplingParams):
+    """JSON mode and forced tool calls decode under a grammar, so the output parses whatever the model is."""
+    kind = (response_format or {}).get("type", "text") if isinstance(response_format, dict) else None
+    if response_format is not None and kind not in ("text", "json_object"):
+        raise APIError(400, f"response_format type {kind!r} is not supported (use 'text' or 'json_object')",
+                       param="response_format", code="invalid_value")
+    if kind != "json_object" and not prompt.forced_tool:
+        return None
+    from .. import constrain
+    budget = params.max_new_tokens
+    tok = pipe.tokenizer
+    if prompt.forced_tool and pipe.chat_format.family == "chatglm3":
+        return constrain.chatglm3_call_constraint(tok, pipe.chat_format.stop_ids, max_tokens=budget)
+    return constrain.json_object_constraint(tok, pipe.chat_format.stop_ids, max_tokens=budget)

@@ -1,0 +1,73 @@
+"""Helpers for the server tests: a real uvicorn server on a free port in a background thread, and a
+ChatGLM3-format random model big enough that an answer takes tens of seconds (slot and queue tests)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir, *, ctx=None, quantize=None, **settings):
+    """Load `model_dir` (a fresh Pipeline: the server's worker owns its model) and serve it over real HTTP.
+    Yields (base_url, app) where app.engine is the worker."""
+    import uvicorn
+
+    import glmkit
+    from glmkit.server.app import ServerSettings, create_app
+
+    pipe = glmkit.load(model_dir, ctx=ctx, quantize=quantize)
+    settings.setdefault("model_id", Path(model_dir).name)
+    app = create_app(pipe, ServerSettings(**settings))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("server did not start")
+    try:
+        yield base, app
+    finally:
+        server.should_exit = True
+        th.join(10)
+
+
+def make_slow_model(src_dir: Path, out: Path, hidden=512, layers=4, seq=4096, seed=0) -> Path:
+    """A random model with the tokenizer and format of `src_dir` (a tiny reference checkpoint), wide enough
+    that decoding ~4000 tokens takes tens of seconds on 2 cores."""
+    import torch
+
+    from glmkit.checkpoint import load_model, save_model
+    from glmkit.model import GLM
+
+    if (out / "config.json").is_file():
+        return out
+    small, _ = load_model(src_dir, dtype="float32")
+    c = small.config
+    ffn = hidden * 8 // 3 // 16 * 16
+    cfg = dataclasses.replace(c, hidden_size=hidden, num_layers=layers, ffn_hidden_size=ffn,
+                              head_dim=hidden // c.num_heads, rope_dim=0, max_seq_len=seq)
+    torch.manual_seed(seed)
+    model = GLM(cfg).init_weights(seed=seed)
+    save_model(model, out, source_dir=src_dir)
+    return out
