@@ -123,7 +123,10 @@ class Attention(nn.Module):
         # are used as they are (no copy): q [B, G, (H/G)*T, D] against k [B, G, S, D].
         rep = H // G
         q = q.reshape(B, G, rep * T, D)
-        m = mask.unsqueeze(2).expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S) if rep > 1 else mask
+        if mask is None:                               # every cached key is visible (one-row decode)
+            m = None
+        else:
+            m = mask.unsqueeze(2).expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S) if rep > 1 else mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)               # [B, G, rep*T, D]
         y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.out(y)
@@ -312,6 +315,8 @@ class GLM(nn.Module):
             use_cache = True
         rope = self._rope_for(cache_pos, state, position_ids)
         mask = attention_mask if attention_mask is not None else self._mask_for(cache_pos, key_pos, state)
+        if attention_mask is None and T == 1 and bool(mask.all()):
+            mask = None                                # decode step seeing all its keys: SDPA needs no mask
 
         x = self.tok_embeddings(input_ids)
         for layer in self.layers:
