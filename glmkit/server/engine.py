@@ -211,9 +211,23 @@ class Engine:
         state = SeqState(torch.cat([r.state.ctx_len for r in act]), torch.cat([r.state.mask_pos for r in act]))
         kv_len = max(r.pos for r in act) + 1
         logits = self.model(ids, cache_pos=pos, state=state, kv_len=kv_len)[:, -1]     # [n, V]
+        # plain greedy rows (no penalties, grammar or logprobs) are chosen in one argmax over the batch
+        plain = [i for i, r in enumerate(act) if r.params.greedy and r.seen is None and r.counts is None
+                 and r.constraint is None and r.logprobs is None]
+        fast = {}
+        if len(plain) > 1:
+            sub = logits[plain].float()
+            finite = torch.isfinite(sub)
+            best = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30).argmax(-1)
+            ok = finite.all(-1)
+            for j, i in enumerate(plain):
+                fast[i] = (int(best[j]), bool(ok[j]))
         for i, r in enumerate(act):
             r.pos += 1
-            self._pick(r, logits[i])
+            if i in fast and fast[i][1]:
+                self._accept(r, fast[i][0])
+            else:
+                self._pick(r, logits[i])
         if self.on_step:
             self.on_step(len(act), time.perf_counter() - t0)
 
@@ -230,6 +244,14 @@ class Engine:
             x = req.constraint.mask_logits(x)
         fallback = next(iter(req.stop_ids), 0)
         tok = int(sample(x[None], p, req.gen, req.seen, req.counts, fallback=fallback)[0])
+        self._accept(req, tok, logits)
+
+    def _accept(self, req: EngineRequest, tok: int, logits: Optional[torch.Tensor] = None):
+        """The chosen token: finish on a stop id, else emit it; finish at the length or time limit."""
+        if req.cancelled:
+            self._finish(req, "cancelled")
+            return
+        st = req.stats
         if not st.t_first:
             st.t_first = time.perf_counter()
         if tok in req.stop_ids:
