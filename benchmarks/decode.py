@@ -68,20 +68,13 @@ def child_bandwidth(threads: int) -> dict:
 
 
 def child_glmkit(folder: str, dtype: str, threads: int, n_prompt: int, n_gen: int, ctx: int) -> dict:
-    import torch
-
     from glmkit.checkpoint import load_model
+    from glmkit.cli.common import set_threads
     from glmkit.generate import Generator
     from glmkit.quant import prepare_model, quantized_bytes
     from glmkit.sampling import SamplingParams
 
-    torch.set_num_threads(threads)
-    try:
-        from glmkit import kernels
-        if kernels.available():
-            kernels.set_num_threads(threads)
-    except ImportError:
-        pass
+    set_threads(threads)                          # PyTorch and the kernels, as --threads does
     model, _ = load_model(folder, dtype=None if dtype == "auto" else dtype)
     if model.config.quantization:
         prepare_model(model)

@@ -7,7 +7,7 @@ For causal models (GLM2+) the cache keeps the ids it holds, and a new prompt tha
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -52,6 +52,53 @@ class GenerationStats:
     def prefill_tps(self) -> float:
         n = self.prompt_tokens - self.reused_tokens
         return n / self.ttft if self.ttft > 0 else 0.0
+
+
+class SamplerState:
+    """What sampling one sequence keeps between steps: its RNG (seed), the tokens seen by prompt and answer
+    (repetition penalty) and the answer's token counts (presence/frequency penalties); None where unused."""
+
+    def __init__(self, params: SamplingParams, prompt: Sequence[int], vocab: int, device):
+        self.params = params
+        self.gen = (torch.Generator(device=device).manual_seed(int(params.seed))
+                    if params.seed is not None else None)
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(list(prompt), device=device).clamp_(0, vocab - 1)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(1, vocab, dtype=torch.float32, device=device)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalties: the token is the argmax of the logits alone."""
+        return self.params.greedy and self.seen is None and self.counts is None
+
+    def sample(self, logits: torch.Tensor, fallback: int) -> int:
+        """logits [V] or [1, V] -> the next token id."""
+        return int(sample(logits.reshape(1, -1), self.params, self.gen, self.seen, self.counts,
+                          fallback=fallback)[0])
+
+    def observe(self, tok: int):
+        if self.seen is not None:
+            self.seen[0, tok] = True
+        if self.counts is not None:
+            self.counts[0, tok] += 1
+
+
+def prefill(model: GLM, ids: torch.Tensor, state, start: int, chunk: int, row: int = 0,
+            cancelled=lambda: False) -> Optional[torch.Tensor]:
+    """Run prompt ids [1, T] from position `start` through the model in chunks into cache row `row`
+    -> last logits [1, V], or None when `cancelled()` turned true between chunks."""
+    T = ids.shape[1]
+    logits = None
+    for s in range(start, T, chunk):
+        if cancelled():
+            return None
+        e = min(s + chunk, T)
+        pos = torch.arange(s, e, device=ids.device)[None]
+        logits = model(ids[:, s:e], cache_pos=pos, state=state, kv_len=e, last_only=True, cache_row0=row)[:, -1]
+    return logits
 
 
 class TokenStream:
@@ -114,15 +161,7 @@ class Generator:
         model, dev = self.model, self.device
         cfg = model.config
         self._ensure_cache()
-        V = cfg.vocab_size
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=dev).manual_seed(int(params.seed))
-        seen = torch.zeros(1, V, dtype=torch.bool, device=dev) if params.repetition_penalty != 1.0 else None
-        counts = (torch.zeros(1, V, dtype=torch.float32, device=dev)
-                  if params.presence_penalty or params.frequency_penalty else None)
-        if seen is not None:
-            seen[0, torch.tensor(prompt, device=dev)] = True
+        sampler = SamplerState(params, prompt, cfg.vocab_size, dev)
         fallback = cfg.eos_token_id if cfg.eos_token_id is not None else next(iter(stop_ids), 0)
 
         ids_t = torch.tensor([prompt], device=dev)
@@ -140,12 +179,8 @@ class Generator:
         stats.reused_tokens = start
         self.cached = self.cached[:start]
         chunk = len(prompt) if cfg.prefix_lm else self.prefill_chunk   # prefix attention needs all at once
-        logits = None
-        for s in range(start, len(prompt), chunk):
-            e = min(s + chunk, len(prompt))
-            pos = torch.arange(s, e, device=dev)[None]
-            logits = model(ids_t[:, s:e], cache_pos=pos, state=state, kv_len=e, last_only=True)[:, -1]
-            self.cached = prompt[:e]
+        logits = prefill(model, ids_t, state, start, chunk)
+        self.cached = list(prompt)
 
         limit = self.max_seq - len(prompt)
         if params.max_new_tokens is not None:
@@ -153,10 +188,9 @@ class Generator:
         pos = len(prompt)
         try:
             for i in range(limit):
-                tok_t = sample(logits, params, gen, seen, counts, fallback=fallback)
+                tok = sampler.sample(logits, fallback)
                 if not torch.isfinite(logits).all():
                     stats.nonfinite_logits = True
-                tok = int(tok_t[0])
                 if i == 0:
                     stats.t_first = time.perf_counter()
                 if tok in stop_ids:
@@ -166,11 +200,8 @@ class Generator:
                 yield tok
                 if i == limit - 1:
                     break
-                if seen is not None:
-                    seen[0, tok] = True
-                if counts is not None:
-                    counts[0, tok] += 1
-                logits = model(tok_t[:, None], cache_pos=torch.tensor([[pos]], device=dev), state=state,
+                sampler.observe(tok)
+                logits = model(torch.tensor([[tok]], device=dev), cache_pos=torch.tensor([[pos]], device=dev), state=state,
                                kv_len=pos + 1)[:, -1]
                 self.cached.append(tok)
                 pos += 1

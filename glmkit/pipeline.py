@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .chat_format import ChatFormatError, ChatResponse, Prompt, render_within
+from .chat_format import ChatResponse, Prompt, render_within
 from .checkpoint import CheckpointError, load_model
 from .generate import ContextOverflow, GenerationStats, Generator
 from .sampling import SamplingParams
@@ -82,17 +81,57 @@ class StopStringFilter:
         return out
 
 
+class AnswerText:
+    """Token ids of one answer -> final text pieces: the chat format's parser (content + tool calls) or, for raw
+    completions, the incremental detokenizer; then the user's stop strings. Shared by ChatRun and the server."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: Prompt, stops: Sequence[str], raw: bool = False):
+        self.parser = None if raw else tokenizer.chat_format.parser(prompt)
+        self.decoder = tokenizer.decoder() if raw else None
+        self.stops = StopStringFilter(stops)
+        self.text = ""                            # everything given out so far
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was reached: nothing more comes out (the caller should stop generating)."""
+        return self.stops.stopped
+
+    def feed(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        piece = self.decoder.push(token_id) if self.decoder else self.parser.feed(token_id)
+        out = self.stops.push(piece) if piece else ""
+        self.text += out
+        return out
+
+    def finish(self) -> str:
+        """End of the answer: what the detokenizer / parser / stop filter still hold."""
+        if self.stopped:
+            return ""
+        tail = self.decoder.flush() if self.decoder else self.parser.finish()
+        out = (self.stops.push(tail) if tail else "") + self.stops.flush()
+        self.text += out
+        return out
+
+    def tool_events(self) -> list:
+        """Tool-call events since the last call (see ResponseParser.events), for streaming."""
+        if self.parser is None or not self.parser.events:
+            return []
+        ev, self.parser.events = self.parser.events, []
+        return ev
+
+    @property
+    def tool_calls(self) -> list:
+        return [] if (self.parser is None or self.stopped) else self.parser.tool_calls
+
+
 class ChatRun:
     """One answer being generated: iterate for text pieces; .response (ChatResponse) once finished."""
 
     def __init__(self, pipe: "Pipeline", prompt: Prompt, params: SamplingParams, raw: bool = False):
         self.pipe, self.prompt, self.params = pipe, prompt, params
-        fmt = pipe.tokenizer.chat_format
-        self.parser = None if raw else fmt.parser(prompt)
-        self.decoder = pipe.tokenizer.decoder() if raw else None
-        self.stops = StopStringFilter(params.stop)
-        self.tokens = pipe.generator.stream(prompt.ids, params, fmt.stop_ids)
-        self.text = ""
+        self.answer = AnswerText(pipe.tokenizer, prompt, params.stop, raw)
+        self.tokens = pipe.generator.stream(prompt.ids, params, pipe.tokenizer.chat_format.stop_ids)
         self.response: Optional[ChatResponse] = None
         self._it = self._run()
 
@@ -100,46 +139,41 @@ class ChatRun:
     def stats(self) -> GenerationStats:
         return self.tokens.stats
 
+    @property
+    def text(self) -> str:
+        return self.answer.text
+
     def __iter__(self) -> Iterator[str]:
         return self._it
 
-    def _emit(self, piece: str) -> str:
-        out = self.stops.push(piece)
-        self.text += out
-        return out
-
     def _run(self):
+        ans = self.answer
         finished = False
         try:
             for tok in self.tokens:
-                piece = self.decoder.push(tok) if self.decoder else self.parser.feed(tok)
-                if piece:
-                    out = self._emit(piece)
-                    if out:
-                        yield out
-                    if self.stops.stopped:
-                        self.tokens.close("stop")
-                        break
-            if not self.stops.stopped:
-                tail = self.decoder.flush() if self.decoder else self.parser.finish()
-                out = self._emit(tail)
-                rest = self.stops.flush()
-                self.text += rest
-                if out + rest:
-                    yield out + rest
+                out = ans.feed(tok)
+                if out:
+                    yield out
+                if ans.stopped:
+                    self.tokens.close("stop")
+                    break
+            out = ans.finish()
+            if out:
+                yield out
             finished = True
         finally:
-            if not finished and not self.stops.stopped:
+            if not finished and not ans.stopped:
                 self.tokens.close("cancelled")
             self._finalize()
 
     def _finalize(self):
         st = self.tokens.stats
-        calls = [] if (self.parser is None or self.stops.stopped) else self.parser.tool_calls
-        reason = "tool_calls" if calls else "stop" if self.stops.stopped else st.finish_reason or "stop"
+        ans = self.answer
+        calls = ans.tool_calls
+        reason = "tool_calls" if calls else "stop" if ans.stopped else st.finish_reason or "stop"
         usage = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
                  "total_tokens": st.prompt_tokens + st.new_tokens}
-        self.response = ChatResponse(self.text, calls, reason, usage)
+        self.response = ChatResponse(ans.text, calls, reason, usage)
         self.pipe.last_stats = st
 
     def result(self) -> ChatResponse:

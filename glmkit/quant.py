@@ -30,7 +30,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 BLOCK = 32                      # sub-block of the int4 nibble layout and of the kernels' activation quantization
 CHUNK_BYTES = 64 << 20          # reference path: dequantize at most this many fp32 bytes at a time

@@ -9,10 +9,7 @@ Skips: everything without `gguf`; (c) without llama_cpp; the reference checkpoin
 """
 from __future__ import annotations
 
-import base64
-import collections
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -396,23 +393,9 @@ CORPUS = ("你好！我是人工智能助手。今天北京的天气怎么样？
 
 
 def build_tiktoken(path: Path, merges: int = 300) -> int:
-    """A byte-level BPE in tiktoken's file format (base64 token, rank): the 256 bytes, then learnt merges."""
-    ranks = {bytes([b]): b for b in range(256)}
-    words = [[bytes([b]) for b in w.encode()] for w in re.findall(r"\w+|[^\w\s]+|\s+", CORPUS)]
-    for _ in range(merges):
-        pairs = collections.Counter((a, b) for w in words for a, b in zip(w, w[1:]))
-        if not pairs or pairs.most_common(1)[0][1] < 2:
-            break
-        (a, b), _ = pairs.most_common(1)[0]
-        ranks.setdefault(a + b, len(ranks))
-        for w in words:
-            i = 0
-            while i < len(w) - 1:
-                if w[i] == a and w[i + 1] == b:
-                    w[i:i + 2] = [a + b]
-                i += 1
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    return len(ranks)
+    """A byte-level BPE in tiktoken's file format learnt on CORPUS (test_glm4's builder) -> its size."""
+    from test_glm4 import build_tiktoken as build
+    return len(build(path, CORPUS, merges))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_format import ChatFormatError, Prompt
-from ..pipeline import Pipeline, StopStringFilter
+from ..pipeline import AnswerText, Pipeline
 from ..sampling import SamplingParams
 from . import schemas
 from .engine import Engine, EngineRequest, QueueFull
@@ -95,39 +95,8 @@ class _Edge:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# One answer: token ids from the worker -> text pieces, tool-call events, logprobs
+# Logprobs: worker (id, logprob) pairs -> OpenAI entries
 # ------------------------------------------------------------------------------------------------------------
-
-class _Answer:
-    def __init__(self, pipe: Pipeline, prompt: Prompt, stops, raw: bool):
-        self.tok = pipe.tokenizer
-        self.parser = None if raw else pipe.chat_format.parser(prompt)
-        self.decoder = self.tok.decoder() if raw else None
-        self.stops = StopStringFilter(stops)
-
-    def feed(self, token_id: int) -> tuple[str, list]:
-        piece = self.decoder.push(token_id) if self.decoder else self.parser.feed(token_id)
-        return self._out(piece), self._events()
-
-    def finish(self) -> tuple[str, list]:
-        if self.stops.stopped:
-            return "", self._events()
-        tail = self.decoder.flush() if self.decoder else self.parser.finish()
-        return self._out(tail) + self.stops.flush(), self._events()
-
-    def _out(self, piece: str) -> str:
-        return self.stops.push(piece) if piece else ""
-
-    def _events(self) -> list:
-        if self.parser is None or not self.parser.events:
-            return []
-        ev, self.parser.events = self.parser.events, []
-        return ev
-
-    @property
-    def tool_calls(self) -> list:
-        return [] if (self.parser is None or self.stops.stopped) else self.parser.tool_calls
-
 
 def _lp_entry(tok, token_id: int, lp) -> dict:
     def one(i, v):
@@ -195,9 +164,9 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"the model '{name}' does not exist; this server serves '{settings.model_id}'",
                            param="model", code="model_not_found")
 
-    def sampling(r, max_tokens, **extra) -> SamplingParams:
+    def sampling(r, max_tokens, max_tokens_param="max_tokens") -> SamplingParams:
         if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param=max_tokens_param,
                            code="invalid_value")
         if r.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
@@ -209,7 +178,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                                         repetition_penalty=r.repetition_penalty,
                                         presence_penalty=r.presence_penalty,
                                         frequency_penalty=r.frequency_penalty, max_tokens=max_tokens,
-                                        stop=tuple(stop), **extra)
+                                        stop=tuple(stop))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -235,7 +204,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                            headers={"Retry-After": str(settings.retry_after)}) from None
         return ereq, q
 
-    async def run(request: Request, ereq: EngineRequest, q: asyncio.Queue, ans: _Answer,
+    async def run(request: Request, ereq: EngineRequest, q: asyncio.Queue, ans: AnswerText,
                   watch_disconnect: bool) -> AsyncIterator[tuple]:
         """Worker events -> ("text", piece, [logprob entries]) / ("tool", event) / ("end", reason) items."""
         pending_lp: list = []
@@ -256,37 +225,63 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     _, tid, lp = ev
                     if lp is not None:
                         pending_lp.append(_lp_entry(tok, tid, lp))
-                    if ans.stops.stopped:
-                        continue                       # tokens generated before the cancel lands
-                    piece, events = ans.feed(tid)
-                    for e in events:
+                    piece = ans.feed(tid)             # '' after a stop string (tokens before the cancel lands)
+                    for e in ans.tool_events():
                         yield ("tool", e)
                     if piece:
                         yield ("text", piece, pending_lp)
                         pending_lp = []
-                    if ans.stops.stopped:
+                    if ans.stopped:
                         ereq.cancel()
                 elif ev[0] == "error":
                     raise APIError(500, ev[1], code="inference_error")
                 else:                                   # done
                     reason = ev[1]
                     break
-            if not ans.stops.stopped:
-                piece, events = ans.finish()
-                for e in events:
+            if not ans.stopped:
+                piece = ans.finish()
+                for e in ans.tool_events():
                     yield ("tool", e)
                 if piece or pending_lp:
                     yield ("text", piece, pending_lp)
                     pending_lp = []
             if ans.tool_calls:
                 reason = "tool_calls"
-            elif ans.stops.stopped or reason == "cancelled":
+            elif ans.stopped or reason == "cancelled":
                 reason = "stop"
             yield ("end", reason, pending_lp)
         finally:
             ereq.cancel()                               # a no-op once finished; frees the slot otherwise
             if ereq.finished or ereq.stats.new_tokens:
                 metrics.finished(ereq.stats)
+
+    async def collect(request: Request, ereq: EngineRequest, q: asyncio.Queue,
+                      ans: AnswerText) -> tuple[str, list, str]:
+        """A non-streaming answer: (text, logprob entries, finish_reason); a client that hangs up cancels it."""
+        text, lps, reason = [], [], "stop"
+        async for item in run(request, ereq, q, ans, watch_disconnect=True):
+            if item[0] == "text":
+                text.append(item[1])
+                lps += item[2]
+            elif item[0] == "end":
+                reason = item[1]
+                lps += item[2]
+        return "".join(text), lps, reason
+
+    def event_stream(chunks: AsyncIterator[str], ereq: EngineRequest, usage_chunk) -> StreamingResponse:
+        """SSE answer: the route's chunks, then (include_usage) the usage chunk, then [DONE]; an inference
+        error mid-stream becomes an error chunk."""
+        async def body():
+            try:
+                async for c in chunks:
+                    yield c
+                if usage_chunk is not None:
+                    yield sse({**usage_chunk, "usage": usage(ereq.stats)})
+            except APIError as e:
+                yield sse(e.body())
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def usage(st) -> dict:
         return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
@@ -332,12 +327,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         auth(request)
         r = schemas.parse(schemas.ChatRequest, await request.body())
         check_model(r.model)
-        max_tokens = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}",
-                           param="max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens",
-                           code="invalid_value")
-        params = sampling(r, max_tokens)
+        if r.max_completion_tokens is not None:
+            params = sampling(r, r.max_completion_tokens, "max_completion_tokens")
+        else:
+            params = sampling(r, r.max_tokens)
         tools, tool_choice = r.tools, r.tool_choice
         if tools is None and r.functions:                                  # legacy functions API
             tools = [{"type": "function", "function": f} for f in r.functions]
@@ -354,7 +347,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         constraint = _constraint(pipe, r.response_format, prompt, params)
         k = (r.top_logprobs or 0) if r.logprobs else None
         ereq, q = submit(prompt.ids, params, constraint, k)
-        ans = _Answer(pipe, prompt, params.stop, raw=False)
+        ans = AnswerText(tok, prompt, params.stop)
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))
 
@@ -367,34 +360,20 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             return c
 
         if r.stream:
-            async def stream():
+            async def chunks():
                 yield sse(chunk({"role": "assistant", "content": ""}))
-                try:
-                    async for item in run(request, ereq, q, ans, watch_disconnect=False):
-                        if item[0] == "text":
-                            yield sse(chunk({"content": item[1]}, lps=item[2] if k is not None else None))
-                        elif item[0] == "tool":
-                            yield sse(chunk({"tool_calls": [_tool_delta(item[1])]}))
-                        else:
-                            yield sse(chunk({}, item[1], lps=item[2] if k is not None else None))
-                    if include_usage:
-                        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                   "model": settings.model_id, "choices": [], "usage": usage(ereq.stats)})
-                except APIError as e:
-                    yield sse(e.body())
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                async for item in run(request, ereq, q, ans, watch_disconnect=False):
+                    if item[0] == "text":
+                        yield sse(chunk({"content": item[1]}, lps=item[2] if k is not None else None))
+                    elif item[0] == "tool":
+                        yield sse(chunk({"tool_calls": [_tool_delta(item[1])]}))
+                    else:
+                        yield sse(chunk({}, item[1], lps=item[2] if k is not None else None))
+            return event_stream(chunks(), ereq, {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                                 "model": settings.model_id, "choices": []}
+                                if include_usage else None)
 
-        text, lps, reason = [], [], "stop"
-        async for item in run(request, ereq, q, ans, watch_disconnect=True):
-            if item[0] == "text":
-                text.append(item[1])
-                lps += item[2]
-            elif item[0] == "end":
-                reason = item[1]
-                lps += item[2]
-        content = "".join(text)
+        content, lps, reason = await collect(request, ereq, q, ans)
         msg: dict[str, Any] = {"role": "assistant", "content": content}
         if ans.tool_calls:
             msg["tool_calls"] = [c.to_openai() for c in ans.tool_calls]
@@ -432,7 +411,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         check_length(len(ids))
         k = r.logprobs
         ereq, q = submit(ids, params, None, k)
-        ans = _Answer(pipe, Prompt(ids=ids), params.stop, raw=True)
+        ans = AnswerText(tok, Prompt(ids=ids), params.stop, raw=True)
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))
 
@@ -452,32 +431,20 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             return c
 
         if r.stream:
-            async def stream():
-                try:
-                    if r.echo:
-                        yield sse(chunk(prompt_text))
-                    async for item in run(request, ereq, q, ans, watch_disconnect=False):
-                        if item[0] == "text":
-                            yield sse(chunk(item[1], entries=item[2]))
-                        elif item[0] == "end":
-                            yield sse(chunk("", item[1], entries=item[2]))
-                    if include_usage:
-                        yield sse({"id": cid, "object": "text_completion", "created": created,
-                                   "model": settings.model_id, "choices": [], "usage": usage(ereq.stats)})
-                except APIError as e:
-                    yield sse(e.body())
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            async def chunks():
+                if r.echo:
+                    yield sse(chunk(prompt_text))
+                async for item in run(request, ereq, q, ans, watch_disconnect=False):
+                    if item[0] == "text":
+                        yield sse(chunk(item[1], entries=item[2]))
+                    elif item[0] == "end":
+                        yield sse(chunk("", item[1], entries=item[2]))
+            return event_stream(chunks(), ereq, {"id": cid, "object": "text_completion", "created": created,
+                                                 "model": settings.model_id, "choices": []}
+                                if include_usage else None)
 
-        text, entries, reason = [], [], "stop"
-        async for item in run(request, ereq, q, ans, watch_disconnect=True):
-            if item[0] == "text":
-                text.append(item[1])
-                entries += item[2]
-            elif item[0] == "end":
-                reason = item[1]
-                entries += item[2]
-        out = ("".join([prompt_text]) if r.echo else "") + "".join(text)
+        text, entries, reason = await collect(request, ereq, q, ans)
+        out = (prompt_text if r.echo else "") + text
         return {"id": cid, "object": "text_completion", "created": created, "model": settings.model_id,
                 "choices": [{"index": 0, "text": out, "logprobs": lp_block(entries), "finish_reason": reason}],
                 "usage": usage(ereq.stats)}
@@ -510,12 +477,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), code="invalid_value") from None
         ereq, q = submit(prompt.ids, params)
-        ans = _Answer(pipe, prompt, (), raw=False)
-        text = []
-        async for item in run(request, ereq, q, ans, watch_disconnect=True):
-            if item[0] == "text":
-                text.append(item[1])
-        response = "".join(text)
+        ans = AnswerText(tok, prompt, ())
+        response, _, _ = await collect(request, ereq, q, ans)
         return {"response": response, "history": [list(p) for p in r.history] + [[r.prompt, response]],
                 "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 

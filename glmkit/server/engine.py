@@ -25,9 +25,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..generate import GenerationStats, default_prefill_chunk
+from ..generate import GenerationStats, SamplerState, default_prefill_chunk, prefill
 from ..model import GLM, SeqState
-from ..sampling import SamplingParams, sample
+from ..sampling import SamplingParams, sanitize
 
 log = logging.getLogger("glmkit.server")
 
@@ -61,8 +61,7 @@ class EngineRequest:
         self.pos = 0                          # cache position the next token goes to
         self.next_tok = 0
         self.state: Optional[SeqState] = None
-        self.gen: Optional[torch.Generator] = None
-        self.seen = self.counts = None
+        self.sampler: Optional[SamplerState] = None
         self.limit = 0
 
     def cancel(self):
@@ -169,34 +168,17 @@ class Engine:
         model, cfg = self.model, self.cfg
         row = len(self.active)
         self.active.append(req)
-        p = req.params
         dev = model.device
-        V = cfg.vocab_size
-        if p.seed is not None:
-            req.gen = torch.Generator(device=dev).manual_seed(int(p.seed))
-        if p.repetition_penalty != 1.0:
-            req.seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
-            req.seen[0, torch.tensor(req.prompt, device=dev).clamp_(0, V - 1)] = True
-        if p.presence_penalty or p.frequency_penalty:
-            req.counts = torch.zeros(1, V, dtype=torch.float32, device=dev)
+        req.sampler = SamplerState(req.params, req.prompt, cfg.vocab_size, dev)
         req.limit = self.max_seq - len(req.prompt)
-        if p.max_new_tokens is not None:
-            req.limit = min(req.limit, p.max_new_tokens)
+        if req.params.max_new_tokens is not None:
+            req.limit = min(req.limit, req.params.max_new_tokens)
         ids = torch.tensor([req.prompt], device=dev)
         req.state = model.sequence_state(ids)
         n = len(req.prompt)
         chunk = n if cfg.prefix_lm else self.prefill_chunk   # prefix attention needs the context at once
-        logits = None
-        for s in range(0, n, chunk):
-            if req.cancelled:
-                req.finished = "cancelled"
-                break
-            e = min(s + chunk, n)
-            pos = torch.arange(s, e, device=dev)[None]
-            logits = model(ids[:, s:e], cache_pos=pos, state=req.state, kv_len=e, last_only=True,
-                           cache_row0=row)[:, -1]
-        if req.finished:
-            req.finished = None
+        logits = prefill(model, ids, req.state, 0, chunk, row=row, cancelled=lambda: req.cancelled)
+        if logits is None:
             self._finish(req, "cancelled")
             return
         req.pos = n
@@ -212,20 +194,18 @@ class Engine:
         kv_len = max(r.pos for r in act) + 1
         logits = self.model(ids, cache_pos=pos, state=state, kv_len=kv_len)[:, -1]     # [n, V]
         # plain greedy rows (no penalties, grammar or logprobs) are chosen in one argmax over the batch
-        plain = [i for i, r in enumerate(act) if r.params.greedy and r.seen is None and r.counts is None
-                 and r.constraint is None and r.logprobs is None]
+        plain = [i for i, r in enumerate(act)
+                 if r.sampler.plain_greedy and r.constraint is None and r.logprobs is None]
         fast = {}
         if len(plain) > 1:
             sub = logits[plain].float()
-            finite = torch.isfinite(sub)
-            best = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30).argmax(-1)
-            ok = finite.all(-1)
-            for j, i in enumerate(plain):
-                fast[i] = (int(best[j]), bool(ok[j]))
+            best = sanitize(sub).argmax(-1).tolist()
+            ok = torch.isfinite(sub).all(-1).tolist()      # rows with non-finite logits take the full path
+            fast = {i: best[j] for j, i in enumerate(plain) if ok[j]}
         for i, r in enumerate(act):
             r.pos += 1
-            if i in fast and fast[i][1]:
-                self._accept(r, fast[i][0])
+            if i in fast:
+                self._accept(r, fast[i])
             else:
                 self._pick(r, logits[i])
         if self.on_step:
@@ -233,18 +213,12 @@ class Engine:
 
     def _pick(self, req: EngineRequest, logits: torch.Tensor):
         """Choose the next token of one sequence from its logits [V]; emit it or finish."""
-        if req.cancelled:
-            self._finish(req, "cancelled")
-            return
-        p, st = req.params, req.stats
         if not torch.isfinite(logits).all():
-            st.nonfinite_logits = True
+            req.stats.nonfinite_logits = True
         x = logits.float()
         if req.constraint is not None:
             x = req.constraint.mask_logits(x)
-        fallback = next(iter(req.stop_ids), 0)
-        tok = int(sample(x[None], p, req.gen, req.seen, req.counts, fallback=fallback)[0])
-        self._accept(req, tok, logits)
+        self._accept(req, req.sampler.sample(x, fallback=next(iter(req.stop_ids), 0)), logits)
 
     def _accept(self, req: EngineRequest, tok: int, logits: Optional[torch.Tensor] = None):
         """The chosen token: finish on a stop id, else emit it; finish at the length or time limit."""
@@ -267,10 +241,7 @@ class Engine:
             lp = (float(ls[tok]), alts)
         st.new_tokens += 1
         req.emit(("token", tok, lp))
-        if req.seen is not None:
-            req.seen[0, tok] = True
-        if req.counts is not None:
-            req.counts[0, tok] += 1
+        req.sampler.observe(tok)
         if st.new_tokens >= req.limit or (req.deadline is not None and time.monotonic() > req.deadline):
             self._finish(req, "length")
             return

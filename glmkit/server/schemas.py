@@ -2,7 +2,7 @@
 and the error body every failure uses: {"error": {"message", "type", "param", "code"}}."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -98,6 +98,3 @@ def parse(model_cls, body: bytes):
         raise APIError(400, f"invalid value for '{loc}': {err.get('msg')}", param=loc or None,
                        code="invalid_value") from None
 
-
-MIN_TOKENS = 1
-Stop = Literal["stop", "length", "tool_calls"]
