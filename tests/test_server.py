@@ -196,7 +196,10 @@ def test_prompt_longer_than_context(c3):
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and "256" in err["message"]
     n = int(err["message"].split("prompt has ")[1].split()[0])
-    assert n > 256
+    assert n > 256 and err["param"] == "messages"
+    r = _post(c3[0], {"model": "chatglm3-6b", "prompt": "天气 " * 400}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["code"] == "context_length_exceeded"
     assert httpx.get(c3[0] + "/health").status_code == 200
 
 

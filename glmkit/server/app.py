@@ -182,10 +182,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
-    def check_length(n: int):
+    def check_length(n: int, param: str = "messages"):
         if n >= pipe.ctx:
             raise APIError(400, f"the prompt has {n} tokens, but the context of this server is {pipe.ctx} tokens "
-                                f"(at least one position is needed for the answer)", param="messages",
+                                f"(at least one position is needed for the answer)", param=param,
                            code="context_length_exceeded")
 
     def submit(ids, params, constraint=None, logprobs=None) -> tuple[EngineRequest, asyncio.Queue]:
@@ -408,7 +408,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, f"token ids must be in [0, {V})", param="prompt", code="invalid_value")
             ids = list(p)
             prompt_text = tok.decode(ids)
-        check_length(len(ids))
+        check_length(len(ids), "prompt")
         k = r.logprobs
         ereq, q = submit(ids, params, None, k)
         ans = AnswerText(tok, Prompt(ids=ids), params.stop, raw=True)
@@ -465,7 +465,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             prompt = fmt.render(messages)
         except ChatFormatError as e:
             raise APIError(400, str(e), param="prompt", code="invalid_value") from None
-        check_length(len(prompt.ids))
+        check_length(len(prompt.ids), "prompt")
         max_new = None
         if r.max_length is not None:                    # the official max_length counts the prompt too
             max_new = r.max_length - len(prompt.ids)
