@@ -1,0 +1,1 @@
+"""Training: GLM's blank-infilling objective, data streaming/packing, the training loop, tokenizer training."""
