@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .model import GLM
+from .model import GLM, SeqState
 from .sampling import SamplingParams, sample
 
 
@@ -145,7 +145,9 @@ class Generator:
         self.cached = []
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-               stop_ids: Iterable[int] = ()) -> TokenStream:
+               stop_ids: Iterable[int] = (), state: Optional[SeqState] = None) -> TokenStream:
+        """state: the prompt's SeqState where it is not the one model.sequence_state derives (infilling a mask
+        other than the first [gMASK]/[MASK]); None derives it."""
         params.validate()
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
@@ -154,10 +156,11 @@ class Generator:
             raise ContextOverflow(f"prompt of {len(prompt)} tokens does not fit the context window of "
                                   f"{self.max_seq} tokens (one position is needed for the answer)")
         stats = GenerationStats(prompt_tokens=len(prompt), t_start=time.perf_counter())
-        return TokenStream(self._run(prompt, params, set(int(s) for s in stop_ids), stats), stats)
+        return TokenStream(self._run(prompt, params, set(int(s) for s in stop_ids), stats, state), stats)
 
     @torch.inference_mode()
-    def _run(self, prompt: list[int], params: SamplingParams, stop_ids: set, stats: GenerationStats):
+    def _run(self, prompt: list[int], params: SamplingParams, stop_ids: set, stats: GenerationStats,
+             state: Optional[SeqState] = None):
         model, dev = self.model, self.device
         cfg = model.config
         self._ensure_cache()
@@ -165,7 +168,7 @@ class Generator:
         fallback = cfg.eos_token_id if cfg.eos_token_id is not None else next(iter(stop_ids), 0)
 
         ids_t = torch.tensor([prompt], device=dev)
-        state = model.sequence_state(ids_t)
+        state = model.sequence_state(ids_t) if state is None else SeqState(*(t.to(dev) for t in state))
 
         # --- prefill (reusing the cached prefix when the model is causal) ---
         start = 0

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -14,7 +15,9 @@ import torch
 
 from .chat_format import ChatResponse, Prompt, render_within
 from .checkpoint import CheckpointError, load_model
+from .config import FAMILY_NAMES
 from .generate import ContextOverflow, GenerationStats, Generator
+from .model import SeqState
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -128,10 +131,11 @@ class AnswerText:
 class ChatRun:
     """One answer being generated: iterate for text pieces; .response (ChatResponse) once finished."""
 
-    def __init__(self, pipe: "Pipeline", prompt: Prompt, params: SamplingParams, raw: bool = False):
+    def __init__(self, pipe: "Pipeline", prompt: Prompt, params: SamplingParams, raw: bool = False,
+                 state: Optional[SeqState] = None):
         self.pipe, self.prompt, self.params = pipe, prompt, params
         self.answer = AnswerText(pipe.tokenizer, prompt, params.stop, raw)
-        self.tokens = pipe.generator.stream(prompt.ids, params, pipe.tokenizer.chat_format.stop_ids)
+        self.tokens = pipe.generator.stream(prompt.ids, params, pipe.tokenizer.chat_format.stop_ids, state)
         self.response: Optional[ChatResponse] = None
         self._it = self._run()
 
@@ -180,6 +184,22 @@ class ChatRun:
         for _ in self._it:
             pass
         return self.response
+
+
+class Infilled(str):
+    """infill()'s completed text (a str), with .spans (the text generated for each mask, left to right) and
+    .stats (each span's GenerationStats)."""
+
+    spans: list
+    stats: list
+
+    def __new__(cls, text: str, spans, stats):
+        s = super().__new__(cls, text)
+        s.spans, s.stats = list(spans), list(stats)
+        return s
+
+
+MASK_TEXT = re.compile(r"(\[(?:MASK|sMASK|gMASK)\])")
 
 
 class Pipeline:
@@ -254,6 +274,44 @@ class Pipeline:
     def stream_generate(self, prompt, **sampling) -> Iterator[str]:
         return iter(self.start_generate(prompt, **sampling))
 
+    # --- blank infilling (ChatGLM-6B) ----------------------------------------------------------------------
+    def infill(self, text: str, **sampling) -> Infilled:
+        """Fill every [MASK] (short span), [sMASK] (sentence) and [gMASK] (long/suffix) of text, left to right
+        -> the text with each mask replaced by its span (an Infilled: .spans, .stats).
+
+        Each round encodes the text so far (spans filled in, the remaining masks as mask tokens) + <sop> and
+        generates the leftmost remaining mask's span until <eop>, its tokens positioned at that mask (an
+        explicit SeqState: model.sequence_state would pick the first [gMASK] / [MASK] instead). Sampling options
+        as generate() (max_new_tokens per span); greedy unless temperature or do_sample is given, as GLM's
+        examples (transformers' generate()) fill blanks.
+        """
+        cfg = self.config
+        if not (cfg.prefix_lm and cfg.rope_2d):
+            name = FAMILY_NAMES.get(cfg.family, cfg.family)
+            raise ValueError(f"infilling needs a blank-filling GLM (ChatGLM-6B: prefix attention, 2D positions); "
+                             f"{name} is causal and only continues text: use generate or chat")
+        parts = MASK_TEXT.split(text)             # text, mask, text, mask, ..., text
+        if len(parts) == 1:
+            raise ValueError("the text has no [MASK], [sMASK] or [gMASK] to fill (to continue a text, use "
+                             "generate, or end the text with [gMASK])")
+        if sampling.get("temperature") is None and not sampling.get("do_sample"):
+            sampling["temperature"] = 0.0
+        params = self.sampling_params(**sampling)
+        tok = self.tokenizer
+        done, spans, stats = parts[0], [], []
+        for k in range(1, len(parts), 2):
+            # encoded apart, the filled-in text before this mask gives the mask's index exactly (the same ids
+            # as encoding the whole text: encode() starts each piece after a special token without a dummy prefix)
+            head = tok.encode(done, add_special_tokens=False)
+            ids = head + tok.encode("".join(parts[k:]))
+            state = SeqState(torch.tensor([len(ids) - 1]), torch.tensor([len(head)]))   # context ends at <sop>
+            run = ChatRun(self, Prompt(ids=ids), params, raw=True, state=state)
+            span = run.result()
+            spans.append(str(span))
+            stats.append(run.stats)
+            done += span + parts[k + 1]
+        return Infilled(done, spans, stats)
+
 
 def _generation_defaults(path: Path) -> dict:
     f = path / "generation_config.json"
@@ -275,8 +333,11 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     (default 8192, capped by the model). quantize: "int4" | "int8" | "int4:g64" quantizes while loading
     (a folder written by `glmkit quantize` is quantized already and needs nothing).
     """
-    if path is None:
-        raise NoModelError(NO_MODEL_HELP)
+    if path is None:                  # the embedded glm-tiny (glmkit/models), when this install carries it
+        from .models import embedded_model_path
+        path = embedded_model_path()
+        if path is None:
+            raise NoModelError(NO_MODEL_HELP)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but this PyTorch build sees no CUDA GPU")

@@ -1,0 +1,45 @@
+"""glmkit infill: fill the [MASK]/[sMASK]/[gMASK] blanks of a text with a ChatGLM-6B (GLM) model."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import add_model_args, add_sampling_args, load_pipeline, sampling_kwargs, stats_line
+
+EXAMPLES = """examples:
+  glmkit infill --model ~/models/chatglm-6b "床前明月光，[MASK]。举头望明月，低头思故乡。"
+  glmkit infill --model ~/models/chatglm-6b --show-spans "[sMASK]今天天气很好。我们去[MASK]吧。"
+  echo "Ng is an adjunct professor at [MASK]." | glmkit infill --model ~/models/chatglm-6b - -t 0.9 --top-k 40
+
+[MASK] fills a short span, [sMASK] a sentence, [gMASK] a long text (at the end: a continuation). Several masks
+are filled one after another, left to right. Greedy by default, as GLM's examples fill blanks; -t 0.9 --top-k 40
+samples as GLM's interactive generate_block.sh does. Only ChatGLM-6B fills blanks: ChatGLM2/3 and GLM-4 are
+causal models (use `glmkit generate`)."""
+
+
+def add_arguments(p):
+    p.add_argument("text", help="the text with [MASK], [sMASK] or [gMASK] blanks ('-' reads standard input); "
+                                "filled greedily unless --temperature is given")
+    p.add_argument("--show-spans", action="store_true",
+                   help="after the completed text, print each mask with the span generated for it")
+    add_model_args(p)
+    add_sampling_args(p)
+
+
+def run(args) -> int:
+    from ..pipeline import MASK_TEXT
+
+    text = sys.stdin.read().rstrip("\n") if args.text == "-" else args.text
+    masks = MASK_TEXT.findall(text)
+    if not masks:                                  # before loading the model: a 6B load takes a while
+        raise ValueError("the text has no [MASK], [sMASK] or [gMASK] to fill")
+    pipe = load_pipeline(args)
+    out = pipe.infill(text, **sampling_kwargs(args))
+    print(out)
+    if args.show_spans:
+        for i, (mask, span) in enumerate(zip(masks, out.spans), 1):
+            print(f"{mask} #{i}: {json.dumps(span, ensure_ascii=False)}")
+    if args.verbose:
+        for st in out.stats:
+            print(stats_line(st), file=sys.stderr)
+    return 0
