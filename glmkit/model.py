@@ -77,6 +77,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    fp32_softmax = False           # training under bf16/fp16 autocast: scores and softmax in fp32 (GLM-130B)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -127,7 +129,11 @@ class Attention(nn.Module):
             m = None
         else:
             m = mask.unsqueeze(2).expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S) if rep > 1 else mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)               # [B, G, rep*T, D]
+        if self.fp32_softmax and q.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(q.device.type, enabled=False):     # else autocast casts back down
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)           # [B, G, rep*T, D]
         y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.out(y)
 

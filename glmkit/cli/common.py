@@ -8,7 +8,8 @@ import sys
 def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", metavar="DIR",
-                   help="model folder: an official download (THUDM/chatglm3-6b, chatglm2-6b, chatglm-6b, "
+                   help="model folder (default: the embedded glm-tiny toy model): an official download "
+                        "(THUDM/chatglm3-6b, chatglm2-6b, chatglm-6b, "
                         "glm-4-9b-chat[-hf]) or one written by glmkit")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -44,15 +45,20 @@ def sampling_kwargs(args) -> dict:
 
 
 def load_pipeline(args):
-    """-> Pipeline, or exit with the guidance text when no model is given."""
-    import torch
-
+    """-> Pipeline (the embedded glm-tiny when no model is given, or the guidance text if it is missing)."""
     from ..pipeline import NO_MODEL_HELP, load
 
     set_threads(args.threads)
     if not args.model:
-        print(NO_MODEL_HELP, file=sys.stderr)
-        raise SystemExit(2)
+        from ..models import DEFAULT_MODEL, embedded_model_path
+        path = embedded_model_path()
+        if path is None:
+            print(NO_MODEL_HELP, file=sys.stderr)
+            raise SystemExit(2)
+        print(f"glmkit: no --model given: using the embedded {DEFAULT_MODEL} (a ~5M-parameter toy GLM trained "
+              "by glmkit on Chinese poetry and English text). For real answers run a THUDM model: "
+              "--model ~/models/chatglm3-6b (see --help).", file=sys.stderr)
+        args.model = str(path)
     return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=sys.stderr.isatty(),
                 quantize=getattr(args, "quantize", None))
 

@@ -8,9 +8,13 @@ import sys
 COMMANDS = {
     "chat": "Chat with a model in the terminal (streaming, multi-turn).",
     "generate": "Continue a raw prompt (no chat format) and print the result.",
+    "infill": "Fill the [MASK]/[sMASK]/[gMASK] blanks of a text (ChatGLM-6B) and print the completed text.",
     "quantize": "Write an INT8/INT4 weight-only quantized copy of a model folder.",
     "export-gguf": "Write a model as a GGUF file for llama.cpp (q4_0, q8_0, f16, f32).",
     "serve": "Serve a model over HTTP: OpenAI-compatible API, ChatGLM's api.py route, web chat.",
+    "plot": "Plot a training run's loss and learning rate (DIR/metrics.jsonl) as a PNG.",
+    "train-tokenizer": "Train a ChatGLM-6B-style SentencePiece tokenizer (ice_text.model) on text files.",
+    "pretrain": "Pretrain a GLM with autoregressive blank infilling (or fine-tune it on chats with --sft).",
 }
 
 
