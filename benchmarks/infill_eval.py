@@ -4,7 +4,8 @@
 
 Each case is one line (a 5- or 7-character clause ending in ， or 。) of a poem from a file kept out of
 training (default: 全唐诗/poet.tang.57000.json, which glm-tiny's pretraining excludes). The poem is written as
-the training documents were (title line, then one line per couplet) with that clause replaced by [MASK]; the
+the training documents were (title line, then one line per couplet) with that clause replaced by a mask
+token (--mask: [sMASK] by default, [MASK] or [gMASK]); the
 model fills it greedily with Pipeline.infill. Reported:
   exact       the filled span equals the original clause
   char_acc    characters equal at the same position, over the clause's characters
@@ -33,7 +34,7 @@ CJK = re.compile(r"^[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002ffff]+$")
 CLAUSE = re.compile(r"([^，。！？；]+)([，。！？；])")
 
 
-def cases(path: Path, n: int, seed: int):
+def cases(path: Path, n: int, seed: int, mask: str = "[MASK]"):
     """-> [(masked document, original clause)], n of them, one per poem at most."""
     poems = json.loads(path.read_text(encoding="utf-8"))
     out = []
@@ -51,7 +52,7 @@ def cases(path: Path, n: int, seed: int):
     res = []
     for p, paras, clauses in out[:n]:
         i, m = rng.choice(clauses)
-        para = paras[i][:m.start(1)] + "[MASK]" + paras[i][m.end(1):]
+        para = paras[i][:m.start(1)] + mask + paras[i][m.end(1):]
         lines = [p.get("title", "").strip()] + paras[:i] + [para] + paras[i + 1:]
         res.append(("\n".join(s for s in lines if s), m.group(1)))
     return res
@@ -75,6 +76,9 @@ def main(argv=None):
     ap.add_argument("--held-out", default=str(HELD_OUT))
     ap.add_argument("--lines", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mask", default="[sMASK]", choices=["[MASK]", "[sMASK]", "[gMASK]"],
+                    help="the blank written for the line (default [sMASK]: GLM's sentence blank; a line of a poem "
+                         "is the unit glm-tiny's [sMASK] learned)")
     ap.add_argument("--show", type=int, default=5, help="print this many examples")
     args = ap.parse_args(argv)
     import glmkit
@@ -83,7 +87,7 @@ def main(argv=None):
     if not held.is_file():
         sys.exit(f"{held} not found (needs ../shared/corpora)")
     pipe = glmkit.load(args.model)
-    cs = cases(held, args.lines, args.seed)
+    cs = cases(held, args.lines, args.seed, args.mask)
     top, top_share = unigram_top(held.parents[1], held)
     n_exact = n_count = 0
     char_ok = char_all = base_ok = base_exact = 0
@@ -100,14 +104,14 @@ def main(argv=None):
             print(f"{doc.splitlines()[0]!s:<12} want {want}  got {got!r}")
     n = len(cs)
     dt = time.time() - t0
-    print(f"\n{n} held-out clauses from {held.name} ({dt:.0f} s)")
+    print(f"\n{n} held-out clauses from {held.name}, each written as {args.mask} ({dt:.0f} s)")
     print("| model | exact line | char accuracy | right character count |")
     print("|---|---|---|---|")
     print(f"| {Path(pipe.path).name if pipe.path else 'model'} | {n_exact / n:.3f} | {char_ok / char_all:.3f} | "
           f"{n_count / n:.3f} |")
     print(f"| unigram baseline ('{top}', {top_share:.3f} of training characters) | {base_exact / n:.3f} | "
           f"{base_ok / char_all:.3f} | 1.000 (given) |")
-    print(f"infill_exact={n_exact / n:.4f} infill_char_acc={char_ok / char_all:.4f} "
+    print(f"mask={args.mask} infill_exact={n_exact / n:.4f} infill_char_acc={char_ok / char_all:.4f} "
           f"infill_right_count={n_count / n:.4f} unigram_char_acc={base_ok / char_all:.4f} n={n}")
 
 

@@ -18,6 +18,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(base: str, proc=None, seconds: float = 30.0):
+    """Poll GET /health until it answers 200 (raise if `proc`, the server's process, exits first)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
 @contextlib.contextmanager
 def running_server(model_dir, *, ctx=None, quantize=None, **settings):
     """Load `model_dir` (a fresh Pipeline: the server's worker owns its model) and serve it over real HTTP.
@@ -36,15 +51,7 @@ def running_server(model_dir, *, ctx=None, quantize=None, **settings):
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise RuntimeError("server did not start")
+    wait_healthy(base)
     try:
         yield base, app
     finally:

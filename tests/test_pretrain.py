@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,12 @@ def test_pretrain_learns_writes_metrics_and_exports(tok_dir, corpus, tmp_path):
     pipe = glmkit.load(tmp_path / "run" / "model")
     assert pipe.model.config.family == "chatglm" and pipe.model.config.prefix_lm
     assert isinstance(pipe.generate("床前明月光，", max_new_tokens=4, temperature=0), str)
+    # --eval-only on the exported model reproduces the run's last validation loss (same held-out units)
+    r3 = run_cli(["--init", str(tmp_path / "run" / "model"), "--eval-only", "--data", str(corpus),
+                  "--out", str(tmp_path / "eval"), "--seq-len", "64", "--val-docs", "8", "--threads", "1"])
+    assert r3.returncode == 0, r3.stderr
+    got = float(re.search(r"validation loss ([0-9.]+)", r3.stderr).group(1))
+    assert got == pytest.approx(val[-1]["val_loss"], abs=2e-4)
     # an existing run is not overwritten by accident
     r2 = run_cli(pretrain_cmd(tok_dir, corpus, tmp_path / "run", steps=30))
     assert r2.returncode != 0 and "--resume" in r2.stderr
@@ -130,16 +137,23 @@ def test_resume_after_sigkill_gives_the_same_losses(tok_dir, corpus, tmp_path):
     assert not list(run.glob("*.tmp*"))
 
 
+@pytest.fixture(scope="module")
+def single8(tok_dir, corpus, tmp_path_factory) -> Path:
+    """An 8-step single-process run: the reference of the distributed and micro-batch tests."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    r = run_cli(pretrain_cmd(tok_dir, corpus, out, steps=8))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tok_dir, corpus, tmp_path, mode):
+def test_two_processes_equal_one(tok_dir, corpus, tmp_path, mode, single8):
     pytest.importorskip("torch.distributed")
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this PyTorch build has no gloo backend")
     steps = 8
-    single = tmp_path / "single"
-    r = run_cli(pretrain_cmd(tok_dir, corpus, single, steps=steps))
-    assert r.returncode == 0, r.stderr
+    single = single8
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     ddp = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -164,11 +178,10 @@ def test_two_processes_equal_one(tok_dir, corpus, tmp_path, mode):
         assert (wa[k] - wb[k]).abs().max() < 1e-4, k
 
 
-def test_micro_batches_equal_one_batch(tok_dir, corpus, tmp_path):
-    r1 = run_cli(pretrain_cmd(tok_dir, corpus, tmp_path / "a", steps=4))
-    r2 = run_cli(pretrain_cmd(tok_dir, corpus, tmp_path / "b", "--micro-batch", "3", steps=4))
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+def test_micro_batches_equal_one_batch(tok_dir, corpus, tmp_path, single8):
+    r2 = run_cli(pretrain_cmd(tok_dir, corpus, tmp_path / "b", "--micro-batch", "3", steps=8))
+    assert r2.returncode == 0, r2.stderr
+    a, b = losses(single8), losses(tmp_path / "b")
     assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=2e-5)
 
 

@@ -35,6 +35,8 @@ def add_arguments(p):
                    help="data are instruction pairs (instruction/input/output JSON): chat fine-tuning")
     g.add_argument("--replace", action="append", metavar="KEY=VALUE",
                    help="fill {{KEY}} placeholders of instruction data (e.g. name=glm-tiny)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="only print the validation loss of --init's model on the held-out units, train nothing")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="run folder (created)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t = p.add_argument_group("optimisation")
@@ -54,12 +56,17 @@ def add_arguments(p):
     t.add_argument("--no-fp32-softmax", action="store_true",
                    help="let autocast run attention softmax in bf16 (default: fp32)")
     t.add_argument("--objective", default="mask=0.3,gmask=0.7", help="span-kind mixture (mask, smask, gmask)")
+    t.add_argument("--extra-sentence-ends", default="", metavar="CHARS",
+                   help="characters that also end an [sMASK] sentence (default: 。！？.!? and newline); "
+                        "'，；' makes every line of a classical poem one")
     t.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("run")
     r.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK is picked)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16 autocast; auto = bf16 on GPUs that have it, fp32 on CPU")
     r.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP under torchrun")
+    r.add_argument("--export-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the weights written to OUT/model (training is float32 either way)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     r.add_argument("--eval-every", type=int, default=100, metavar="STEPS")
     r.add_argument("--save-every", type=int, default=100, metavar="STEPS")

@@ -30,10 +30,11 @@ from .documents import expand_paths, iter_documents
 SENTENCE_END_TEXT = ("。", "！", "？", ".", "!", "?", "\n")
 
 
-def sentence_end_ids(tok) -> list[int]:
-    """Ids of the tokens that are exactly a sentence end (as encode_plain writes them without a prefix)."""
+def sentence_end_ids(tok, extra: str = "") -> list[int]:
+    """Ids of the tokens that are exactly a sentence end (as encode_plain writes them without a prefix).
+    `extra`: more end characters, e.g. "，；" to make each line (句) of classical poetry an [sMASK] unit."""
     out = set()
-    for s in SENTENCE_END_TEXT:
+    for s in SENTENCE_END_TEXT + tuple(extra):
         ids = tok.encode_plain(s, dummy_prefix=False) if tok.family == "chatglm" else tok.encode_plain(s)
         if len(ids) == 1:
             out.add(ids[0])

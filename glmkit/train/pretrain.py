@@ -10,6 +10,7 @@ rewritten at every checkpoint: `glmkit chat --model OUT/model`), run.json (the a
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -29,7 +30,9 @@ from .loop import Trainer, TrainConfig, flops_per_token, init_distributed
 
 # ChatGLM-6B architecture at small sizes (vocab and special ids come from the tokenizer)
 ARCH_PRESETS = {
-    "glm-tiny": dict(hidden_size=256, num_layers=4, num_heads=4, ffn_hidden_size=1024, max_seq_len=1024),
+    # untied input/output embeddings: on a 100-step probe the tied model sat ~0.2 nats higher (6.83 vs 6.61)
+    "glm-tiny": dict(hidden_size=256, num_layers=4, num_heads=4, ffn_hidden_size=1024, max_seq_len=1024,
+                     tie_word_embeddings=False),
     "glm-test": dict(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=256, max_seq_len=512),
 }
 
@@ -93,7 +96,9 @@ def run(args) -> dict:
     elif dist_info.world > 1 and args.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist_info.world))
     ckpt = out / "checkpoint.pt"
-    if ckpt.is_file() and not args.resume:
+    if args.eval_only and not args.init:
+        raise ValueError("--eval-only needs --init DIR (the model to evaluate)")
+    if ckpt.is_file() and not args.resume and not args.eval_only:
         raise ValueError(f"{out} already holds a run (checkpoint.pt): add --resume to continue it, "
                          "or choose another --out")
 
@@ -149,7 +154,7 @@ def run(args) -> dict:
     else:
         val_cache = cache
         train_ids, val_ids = split_units(len(cache), args.val_docs, args.seed)
-    ends = sentence_end_ids(tok)
+    ends = sentence_end_ids(tok, args.extra_sentence_ends or "")
     batcher = Batcher(cache, train_ids, args.seq_len, objective, special, ends, args.seed)
     val_rows = Batcher(val_cache, val_ids, args.seq_len, objective, special, ends, args.seed,
                        shuffle=False).all_rows() if len(val_ids) else []
@@ -162,7 +167,11 @@ def run(args) -> dict:
                      save_every=args.save_every, seed=args.seed)
     export_dir = out / "model"
 
+    export_dtype = getattr(torch, args.export_dtype)
+
     def export(m: GLM):
+        if export_dtype != torch.float32:             # a converted copy; training goes on in fp32
+            m = copy.deepcopy(m).to(export_dtype)
         save_model(m, export_dir, source_dir=tok_dir)
         write_generation_config(export_dir, m.config)
 
@@ -172,6 +181,12 @@ def run(args) -> dict:
         ck = trainer.load()
         if dist_info.main:
             print(f"resumed {out} at step {ck['step']} ({ck['tokens_seen']} tokens)", file=sys.stderr)
+    if args.eval_only:                                 # the validation loss of --init's model, nothing trained
+        val = trainer.validate()
+        if dist_info.main:
+            print(f"validation loss {val:.4f} over {len(val_rows)} rows of {len(val_ids)} held-out units",
+                  file=sys.stderr)
+        return {"val_loss": val}
     if dist_info.main:
         (out / "run.json").write_text(json.dumps({
             "argv": sys.argv, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
