@@ -29,10 +29,20 @@ def test_help_has_examples(cmd):
     assert "examples:" in r.stdout and "glmkit" in r.stdout
 
 
-def test_no_model_explains_where_weights_come_from():
-    r = run("chat")
-    assert r.returncode == 2
-    assert "THUDM/chatglm3-6b" in r.stderr and "--model" in r.stderr and "huggingface" in r.stderr.lower()
+def test_no_model_explains_where_weights_come_from(monkeypatch, capsys):
+    """Without --model the embedded glm-tiny runs; an installation without it explains where weights come from."""
+    import argparse
+
+    import glmkit.models
+    from glmkit.cli import common
+
+    monkeypatch.setattr(glmkit.models, "embedded_model_path", lambda name="glm-tiny": None)
+    args = argparse.Namespace(model=None, threads=None, dtype=None, device="cpu", ctx=None, quantize=None)
+    with pytest.raises(SystemExit) as e:
+        common.load_pipeline(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "THUDM/chatglm3-6b" in err and "huggingface" in err.lower()
 
 
 @needs_shared

@@ -220,3 +220,22 @@ def test_sft_trains_on_answers_in_chat_format(tok_dir, corpus, tmp_path):
     assert lo[60] < 0.2, lo
     pipe = glmkit.load(tmp_path / "sft" / "model")
     assert pipe.chat([{"role": "user", "content": "你是谁"}], temperature=0, max_new_tokens=10) == "我是tiny。"
+
+
+def test_sft_cache_mixes_documents_in(tok_dir, corpus, tmp_path):
+    """--mix: chat pairs (prompt/answer units) plus a seeded choice of plain document units."""
+    from glmkit.tokenizer import load_tokenizer
+    from glmkit.train.data import build_cache
+
+    tok = load_tokenizer(tok_dir, "chatglm")
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"instruction": "你好", "input": "", "output": "春眠不覺曉"}] * 5,
+                               ensure_ascii=False), encoding="utf-8")
+    c = build_cache([data], tok, tmp_path / "c1", 64, chat=True, mix_paths=[corpus], mix_units=7,
+                    mix_max_unit=40, seed=3, progress=False)
+    splits = c.units[:, 2]
+    assert (splits >= 0).sum() == 5 and (splits == -1).sum() == 7
+    assert c.units[splits == -1, 1].max() <= 40
+    again = build_cache([data], tok, tmp_path / "c2", 64, chat=True, mix_paths=[corpus], mix_units=7,
+                        mix_max_unit=40, seed=3, progress=False)
+    assert [c.unit(i).tolist() for i in range(len(c))] == [again.unit(i).tolist() for i in range(len(again))]

@@ -33,6 +33,11 @@ def add_arguments(p):
     g.add_argument("--val-docs", type=int, default=200, metavar="N", help="held-out units (default 200)")
     g.add_argument("--sft", action="store_true",
                    help="data are instruction pairs (instruction/input/output JSON): chat fine-tuning")
+    g.add_argument("--mix", nargs="+", metavar="PATH",
+                   help="with --sft: plain documents trained with blank infilling alongside the chats (so the "
+                        "model keeps filling blanks)")
+    g.add_argument("--mix-units", type=int, default=2000, metavar="N",
+                   help="how many document units --mix adds (a seeded random choice; default 2000)")
     g.add_argument("--replace", action="append", metavar="KEY=VALUE",
                    help="fill {{KEY}} placeholders of instruction data (e.g. name=glm-tiny)")
     g.add_argument("--eval-only", action="store_true",

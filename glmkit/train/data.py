@@ -120,13 +120,20 @@ class TokenCache:
 
 def build_cache(paths, tok, folder, max_unit: int, chat: bool = False, replacements: Optional[dict] = None,
                 on_error: Optional[Callable[[str], None]] = None, progress: bool = True,
-                exclude: Sequence[str] = ()) -> TokenCache:
+                exclude: Sequence[str] = (), mix_paths: Sequence = (), mix_units: int = 0,
+                mix_max_unit: int = 0, seed: int = 0) -> TokenCache:
     """Tokenize `paths` into `folder` (reused when its manifest matches). chat=True reads instruction pairs
-    and stores prompt (rendered in the model's chat format) + answer per unit."""
+    and stores prompt (rendered in the model's chat format) + answer per unit. mix_paths: plain documents
+    added to chat data (a seeded choice of `mix_units` units of at most `mix_max_unit` tokens), so fine-tuning
+    keeps practising blank infilling instead of forgetting it."""
     folder = Path(folder)
     files = expand_paths(paths, exclude)
+    mix_files = expand_paths(mix_paths, exclude) if mix_paths else []
     manifest = {"files": _file_fingerprint(files), "tokenizer": _tokenizer_fingerprint(tok),
                 "max_unit": max_unit, "chat": chat, "replacements": replacements or {}, "version": 1}
+    if mix_files:
+        manifest["mix"] = {"files": _file_fingerprint(mix_files), "units": mix_units, "max_unit": mix_max_unit,
+                           "seed": seed}
     mf = folder / "manifest.json"
     if mf.is_file() and (folder / "tokens.bin").is_file() and (folder / "units.npy").is_file():
         try:
@@ -170,6 +177,17 @@ def build_cache(paths, tok, folder, max_unit: int, chat: bool = False, replaceme
                 ids = tok.encode(doc.text, add_special_tokens=False)
                 put(ids)
                 bar.update()
+        if mix_files:
+            n_chat = len(units)
+            plain_max = max_unit
+            max_unit = mix_max_unit or max_unit
+            for doc in iter_documents(mix_files, on_error):
+                put(tok.encode(doc.text, add_special_tokens=False))
+                bar.update()
+            max_unit = plain_max
+            plain = units[n_chat:]
+            keep = np.random.default_rng([seed, 104729]).permutation(len(plain))[:mix_units]
+            units = units[:n_chat] + [plain[i] for i in sorted(keep)]
         bar.close()
         out.flush()
         os.fsync(out.fileno())

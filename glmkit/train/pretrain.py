@@ -122,6 +122,8 @@ def run(args) -> dict:
         cfg = model_config(args.model_config, tok)
         torch.manual_seed(args.seed)
         model = GLM(cfg).init_weights(seed=args.seed)
+    if args.mix and not args.sft:
+        raise ValueError("--mix adds plain documents to --sft data; without --sft put them in --data")
     if not cfg.prefix_lm:
         raise ValueError("pretraining with blank infilling needs the ChatGLM-6B (GLM) architecture")
     if args.seq_len > cfg.max_seq_len:
@@ -135,7 +137,9 @@ def run(args) -> dict:
     data_dir = out / ("data-sft" if args.sft else "data")
     if dist_info.main:
         cache = build_cache(args.data, tok, data_dir, max_unit, chat=args.sft, replacements=replacements,
-                            on_error=_warn, progress=not args.quiet, exclude=args.exclude or ())
+                            on_error=_warn, progress=not args.quiet, exclude=args.exclude or (),
+                            mix_paths=args.mix or (), mix_units=args.mix_units,
+                            mix_max_unit=objective.max_doc_len(args.seq_len), seed=args.seed)
     if dist_info.world > 1:
         import torch.distributed as dist
         dist.barrier()
