@@ -161,6 +161,6 @@ def test_cli_errors(capsys):
 
     assert main(["infill", "--model", str(REF / "chatglm-6b"), "no blank here"]) == 1
     assert "no [MASK]" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["infill", "a[MASK]"])
-    assert e.value.code == 2 and "--model" in capsys.readouterr().err
+    # without --model the embedded glm-tiny fills it (an install without it explains --model: test_cli)
+    assert main(["infill", "a[MASK]"]) == 0
+    assert "[MASK]" not in capsys.readouterr().out
