@@ -26,6 +26,8 @@ import numpy as np
 from .blank_infilling import ObjectiveConfig, Sample, SpecialIds, make_sample, prompt_answer_sample
 from .documents import expand_paths, iter_documents
 
+VAL_EPOCH = 10 ** 6          # validation spans come from their own "epoch", never one that training reaches
+
 # sentence ends for [sMASK]: Chinese and Western full stops, question and exclamation marks, and newlines
 SENTENCE_END_TEXT = ("。", "！", "？", ".", "!", "?", "\n")
 
@@ -151,18 +153,18 @@ def build_cache(paths, tok, folder, max_unit: int, chat: bool = False, replaceme
     pos = 0
     tmp = folder / "tokens.bin.tmp"
     with open(tmp, "wb") as out:
-        def put(ids: list[int], split: int = -1):
+        def put(ids: list[int], split: int = -1, limit: int = max_unit):
+            """Append ids; a chat pair is one unit (dropped if over `limit`), a document is cut into units."""
             nonlocal pos
             if not ids:
                 return
-            arr = np.asarray(ids, np.uint32)
-            out.write(arr.tobytes())
-            if split >= 0:                          # a chat pair is one unit (too long: dropped)
-                if len(ids) <= max_unit:
+            out.write(np.asarray(ids, np.uint32).tobytes())
+            if split >= 0:
+                if len(ids) <= limit:
                     units.append((pos, len(ids), split))
             else:
-                for s in range(0, len(ids), max_unit):
-                    units.append((pos + s, min(max_unit, len(ids) - s), -1))
+                for s in range(0, len(ids), limit):
+                    units.append((pos + s, min(limit, len(ids) - s), -1))
             pos += len(ids)
 
         bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, file=sys.stderr)
@@ -179,12 +181,9 @@ def build_cache(paths, tok, folder, max_unit: int, chat: bool = False, replaceme
                 bar.update()
         if mix_files:
             n_chat = len(units)
-            plain_max = max_unit
-            max_unit = mix_max_unit or max_unit
             for doc in iter_documents(mix_files, on_error):
-                put(tok.encode(doc.text, add_special_tokens=False))
+                put(tok.encode(doc.text, add_special_tokens=False), limit=mix_max_unit or max_unit)
                 bar.update()
-            max_unit = plain_max
             plain = units[n_chat:]
             keep = np.random.default_rng([seed, 104729]).permutation(len(plain))[:mix_units]
             units = units[:n_chat] + [plain[i] for i in sorted(keep)]
@@ -277,7 +276,7 @@ class Batcher:
         """Every unit once, in order (validation)."""
         rows, row, used = [], [], 0
         for u in self.unit_ids:
-            s = self.sample(u, 10 ** 6)
+            s = self.sample(u, VAL_EPOCH)
             if used + len(s) > self.seq_len and row:
                 rows.append(row)
                 row, used = [], 0

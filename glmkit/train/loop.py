@@ -15,6 +15,7 @@ complete one and continues with the same losses as a run never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -288,9 +289,9 @@ class Trainer:
             sync = i == len(chunks) - 1
             if self.fsdp:                                 # gradient accumulation: reduce on the last one only
                 self.model.set_requires_gradient_sync(sync)
-                ctx = _null()
+                ctx = contextlib.nullcontext()
             else:
-                ctx = self.model.no_sync() if (self.dist.world > 1 and not sync) else _null()
+                ctx = self.model.no_sync() if (self.dist.world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 (loss * self.dist.world).backward()
             total += loss.detach().double().cpu()
@@ -323,7 +324,7 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.dist.main), file=sys.stderr)
         last_val = None
-        window_tokens, window_time = 0, 0.0
+        start_tokens, start_time = self.tokens_seen, self.elapsed      # this process's share (resume)
         while self.step < tc.steps:
             t0 = time.perf_counter()
             loss, n_tok = self.train_step()
@@ -332,8 +333,6 @@ class Trainer:
                 raise RuntimeError(f"loss is {loss} at step {self.step}: lower --lr, or check the data")
             self.tokens_seen += n_tok
             self.elapsed += dt
-            window_tokens += n_tok
-            window_time += dt
             tps = n_tok / dt
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 self.log({"type": "train", "step": self.step, "loss": round(loss, 6), "lr": lr_at(self.step - 1, tc),
@@ -346,7 +345,7 @@ class Trainer:
             if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps:
                 self.save()
             bar.update(1)
-            post = {"loss": f"{loss:.3f}", "tok/s": f"{window_tokens / max(window_time, 1e-9):.0f}",
+            post = {"loss": f"{loss:.3f}", "tok/s": f"{(self.tokens_seen - start_tokens) / max(self.elapsed - start_time, 1e-9):.0f}",
                     "lr": f"{lr_at(self.step - 1, tc):.2e}"}
             if last_val is not None:
                 post["val"] = f"{last_val:.3f}"
@@ -355,10 +354,3 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed, "val_loss": last_val,
                 "tok_per_s": self.tokens_seen / max(self.elapsed, 1e-9)}
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

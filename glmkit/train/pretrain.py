@@ -18,9 +18,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..checkpoint import load_model, read_config, save_model
+from ..checkpoint import load_model, save_model
 from ..config import ModelConfig, from_hf
 from ..model import GLM
 from ..tokenizer import load_tokenizer
@@ -108,17 +109,13 @@ def run(args) -> dict:
     if tok_dir is None:
         raise ValueError("--tokenizer DIR is needed (a folder with ice_text.model: `glmkit train-tokenizer`)")
     if init_dir is not None:
-        fam = read_config(init_dir).get("family") or "chatglm"
-    else:
-        fam = "chatglm"
-    tok = load_tokenizer(tok_dir, fam)
-    if init_dir is not None:
         model, _ = load_model(init_dir, dtype=torch.float32)
         if model.config.quantization:
             raise ValueError(f"{init_dir} is quantized; full fine-tuning needs the float model")
         model.requires_grad_(True)                     # loaded for inference: parameters come frozen
         cfg = model.config
-    else:
+    tok = load_tokenizer(tok_dir, cfg.family if init_dir is not None else "chatglm")
+    if init_dir is None:
         cfg = model_config(args.model_config, tok)
         torch.manual_seed(args.seed)
         model = GLM(cfg).init_weights(seed=args.seed)
@@ -152,9 +149,8 @@ def run(args) -> dict:
         if dist_info.world > 1:
             dist.barrier()
             val_cache = val_cache or open_cache(out / "data-val")
-        train_ids = torch.arange(len(cache)).numpy()
-        val_ids = torch.arange(len(val_cache)).numpy()[:args.val_docs] if args.val_docs else \
-            torch.arange(len(val_cache)).numpy()
+        train_ids = np.arange(len(cache))
+        val_ids = np.arange(len(val_cache))[:args.val_docs or None]
     else:
         val_cache = cache
         train_ids, val_ids = split_units(len(cache), args.val_docs, args.seed)
