@@ -41,8 +41,8 @@ def _ext():
     else:
         args = ["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"]
         link = ["-pthread"]
-    return [Extension("glmkit.kernels._qgemm", ["glmkit/kernels/qgemm.c"],
-                      extra_compile_args=args, extra_link_args=link)]
+    return [Extension("glmkit.kernels._qgemm", ["glmkit/kernels/qgemm.c", "glmkit/kernels/decode_ops.c"],
+                      depends=["glmkit/kernels/qgemm_internal.h"], extra_compile_args=args, extra_link_args=link)]
 
 
 setup(ext_modules=_ext(), cmdclass={"build_ext": OptionalBuildExt})

@@ -86,8 +86,10 @@ def child_glmkit(folder: str, dtype: str, threads: int, n_prompt: int, n_gen: in
     stream = gen.stream(ids, SamplingParams(temperature=0, max_new_tokens=n_gen), stop_ids=())
     n = sum(1 for _ in stream)
     st = stream.stats
+    from glmkit.fast_decode import why_not
+    path = "fused" if gen._fast is not None else f"model.forward ({why_not(model)})"
     return {"prefill_tps": st.prefill_tps, "decode_tps": st.decode_tps, "new_tokens": n,
-            "peak_rss": peak_rss_bytes(), "weight_bytes": quantized_bytes(model)}
+            "peak_rss": peak_rss_bytes(), "weight_bytes": quantized_bytes(model), "decode_path": path}
 
 
 def child_llama(path: str, threads: int, n_prompt: int, n_gen: int, ctx: int) -> dict:
@@ -243,6 +245,8 @@ def main():
         results[name] = r
         if "error" in r:
             print(f"  {name}: {r['error']}")
+        elif "decode_path" in r:
+            print(f"  {name} decode path: {r['decode_path']}")
 
     def f(x, fmt="{:.2f}"):
         return fmt.format(x) if isinstance(x, (int, float)) else "n/a"

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from .fast_decode import FastDecoder, why_not
 from .model import GLM, SeqState
 from .sampling import SamplingParams, sample
 
@@ -121,6 +122,14 @@ class TokenStream:
             self.stats.t_end = time.perf_counter()
 
 
+def fast_decoder(model: GLM, current: Optional[FastDecoder] = None) -> Optional[FastDecoder]:
+    """The fused decode path for the model's current cache (current, when still valid), or None where the model
+    runs model.forward (see fast_decode.why_not)."""
+    if current is not None and current.valid():
+        return current
+    return FastDecoder(model) if why_not(model) is None else None
+
+
 class Generator:
     """Single-sequence generation with one cache row (terminal chat, Pipeline). The server batches elsewhere."""
 
@@ -130,6 +139,7 @@ class Generator:
         self.max_seq = min(max_seq or cfg.max_seq_len, cfg.max_seq_len)
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(model)
         self.cached: list[int] = []               # ids whose keys/values sit in cache row 0, in order
+        self._fast: Optional[FastDecoder] = None
 
     @property
     def device(self):
@@ -164,6 +174,7 @@ class Generator:
         model, dev = self.model, self.device
         cfg = model.config
         self._ensure_cache()
+        fast = self._fast = fast_decoder(model, self._fast)
         sampler = SamplerState(params, prompt, cfg.vocab_size, dev)
         fallback = cfg.eos_token_id if cfg.eos_token_id is not None else next(iter(stop_ids), 0)
 
@@ -204,8 +215,11 @@ class Generator:
                 if i == limit - 1:
                     break
                 sampler.observe(tok)
-                logits = model(torch.tensor([[tok]], device=dev), cache_pos=torch.tensor([[pos]], device=dev), state=state,
-                               kv_len=pos + 1)[:, -1]
+                if fast is not None:
+                    logits = fast.step([tok], [pos])
+                else:
+                    logits = model(torch.tensor([[tok]], device=dev), cache_pos=torch.tensor([[pos]], device=dev),
+                                   state=state, kv_len=pos + 1)[:, -1]
                 self.cached.append(tok)
                 pos += 1
             stats.finish_reason = "length"

@@ -50,8 +50,7 @@
  * the CPU if it has to wait long for a worker.  Calls are serialised by a mutex and run without the GIL.
  * fork() in a child resets the pool (threads do not survive fork).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "qgemm_internal.h"
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -835,6 +834,20 @@ static void ensure_pool(void) {            /* g_call_mu held */
     if (P.started != P.nthreads - 1) pool_start();
 }
 
+/* --- for decode_ops.c (qgemm_internal.h) --- */
+int qg_arg_ptr(PyObject *o, void **out) { return arg_ptr(o, out); }
+int qg_arg_ll(PyObject *o, long long *out) { return arg_ll(o, out); }
+int qg_impl_avx2(void) { return g_use_avx2; }
+
+int qg_pool_threads(void) { return P.nthreads > 0 ? P.nthreads : default_threads(); }
+
+void qg_parallel(qg_task_fn fn, void *ctx, int max_threads) {
+    pthread_mutex_lock(&g_call_mu);
+    ensure_pool();
+    pool_run(fn, ctx, max_threads);
+    pthread_mutex_unlock(&g_call_mu);
+}
+
 PyDoc_STRVAR(gemm_doc,
 "gemm(kind, x_ptr, wq_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, group)\n--\n\n"
 "y[M,N] fp32 = x[M,K] fp32 @ W^T (+ bias). W in the packed layout: wq_ptr = quant area, ws_ptr = scale area\n"
@@ -1131,6 +1144,9 @@ static PyMethodDef methods[] = {
     {"_tune", py_tune, METH_VARARGS, "_tune(name, value): 'prefetch' bytes, 'chunk_bytes', 'steal' 0/1 (benchmarking)"},
     {"cpu_features", py_cpu_features, METH_NOARGS, "cpu_features() -> dict"},
     {"stream_read", (PyCFunction)(void (*)(void))py_stream_read, METH_FASTCALL, stream_read_doc},
+    {"rmsnorm", (PyCFunction)(void (*)(void))qg_py_rmsnorm, METH_FASTCALL, qg_rmsnorm_doc},
+    {"attend", (PyCFunction)(void (*)(void))qg_py_attend, METH_FASTCALL, qg_attend_doc},
+    {"swiglu", (PyCFunction)(void (*)(void))qg_py_swiglu, METH_FASTCALL, qg_swiglu_doc},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_qgemm",

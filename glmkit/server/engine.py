@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..generate import GenerationStats, SamplerState, default_prefill_chunk, prefill
+from ..generate import GenerationStats, SamplerState, default_prefill_chunk, fast_decoder, prefill
 from ..model import GLM, SeqState
 from ..sampling import SamplingParams, sanitize
 
@@ -85,6 +85,7 @@ class Engine:
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="glmkit-worker", daemon=True)
         model.setup_cache(parallel, max_seq)
+        self._fast = fast_decoder(model)               # None: decode steps run model.forward
 
     # --- called from other threads -----------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -192,7 +193,12 @@ class Engine:
         pos = torch.tensor([[r.pos] for r in act], device=dev)
         state = SeqState(torch.cat([r.state.ctx_len for r in act]), torch.cat([r.state.mask_pos for r in act]))
         kv_len = max(r.pos for r in act) + 1
-        logits = self.model(ids, cache_pos=pos, state=state, kv_len=kv_len)[:, -1]     # [n, V]
+        if self._fast is not None and not self._fast.valid():
+            self._fast = fast_decoder(self.model)
+        if self._fast is not None:                     # quantized GLM2+ on CPU: the fused path (fast_decode.py)
+            logits = self._fast.step([r.next_tok for r in act], [r.pos for r in act])
+        else:
+            logits = self.model(ids, cache_pos=pos, state=state, kv_len=kv_len)[:, -1]     # [n, V]
         # plain greedy rows (no penalties, grammar or logprobs) are chosen in one argmax over the batch
         plain = [i for i, r in enumerate(act)
                  if r.sampler.plain_greedy and r.constraint is None and r.logprobs is None]

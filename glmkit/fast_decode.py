@@ -1,0 +1,143 @@
+"""The one-token decode step of a quantized causal GLM on CPU, with no PyTorch op between the matrix multiplies.
+
+model.py's forward is the reference and handles every case; for batch 1 it spends ~60 small PyTorch ops per
+layer besides the four quantized GEMMs (norms, rotary, cache write, fp16 -> fp32 of the cached keys and values,
+attention, SiLU * up, residual adds). Each op costs a few microseconds of dispatch on one thread: ~30 ms of a
+~185 ms ChatGLM3-6B INT4 step on 2 cores. Here a layer is seven C calls on preallocated buffers:
+
+    h = rmsnorm(x += m_prev)      qkv = gemm(h)      y = attend(qkv -> rotary, cache write, softmax(qK)V)
+    a = gemm(y)                   h = rmsnorm(x += a)     u = gemm(h)     g = swiglu(u)     m = gemm(g)
+
+(glmkit/kernels/decode_ops.c for the fused ops). It lives outside model.py because it needs the kernels, and
+model.py imports only torch and the config. Used by generate.Generator for ChatGLM2/3 and GLM-4 shapes whose
+matrices all run in the kernels; why_not() names what keeps a model on the reference path.
+GLMKIT_FAST_DECODE=0 turns it off (A/B measurements). tests/test_fast_decode.py holds it to model.forward.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .model import GLM
+from .quant import QuantLinear
+
+
+def _env_off() -> bool:
+    return os.environ.get("GLMKIT_FAST_DECODE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def why_not(model: GLM) -> Optional[str]:
+    """None when FastDecoder can run this model (cache already set up); else the reason it cannot."""
+    from . import kernels
+    if _env_off():
+        return "disabled by GLMKIT_FAST_DECODE=0"
+    if not kernels.available():
+        return f"kernels unavailable: {kernels.reason()}"
+    cfg = model.config
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "needs fp32 activations on CPU (a quantized model)"
+    if cfg.rope_2d or cfg.prefix_lm or cfg.glm_residual:
+        return "ChatGLM-6B layout (2D rotary, prefix attention, alpha residual)"
+    if cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.qkv_layout == "per_head":
+        return "needs RMSNorm, SwiGLU and the [q | k | v] projection"
+    for i, layer in enumerate(model.layers):
+        for name, mod in (("attn.qkv", layer.attn.qkv), ("attn.out", layer.attn.out), ("mlp.up", layer.mlp.up),
+                          ("mlp.down", layer.mlp.down)):
+            if type(mod) is not QuantLinear or not mod.prepare():
+                return f"layers.{i}.{name} is not a quantized layer on the kernels' path"
+        c = layer.attn.cache
+        if c is None or c.k.dtype != torch.float16 or not c.k.is_contiguous() or not c.v.is_contiguous():
+            return "needs the fp16 KV cache set up (setup_cache)"
+    return None
+
+
+class FastDecoder:
+    """step(tokens, positions) -> logits [M, V]: token i at positions[i] of cache row row0 + i (earlier positions
+    of each row already cached), equal to model.forward of the same step up to float summation order. Built
+    after setup_cache; holds raw pointers into the model's weights and cache, so rebuild it when either is
+    replaced (valid() tells)."""
+
+    def __init__(self, model: GLM):
+        reason = why_not(model)
+        if reason:
+            raise ValueError(f"fast decode unavailable: {reason}")
+        from . import kernels
+        self.ext = kernels._extension()
+        self.model = model
+        cfg = model.config
+        self.C, self.H, self.G, self.D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.R, self.F, self.eps = cfg.rope_dim, cfg.ffn_hidden_size, float(cfg.norm_eps)
+        self.interleaved = int(bool(cfg.rope_interleaved))
+        self.rows, self.max_seq = model.cache_batch, model.cache_len
+        B = self.rows
+
+        def buf(n):
+            return torch.zeros(B, n, dtype=torch.float32)
+        self.x, self.h, self.qkv, self.y = buf(self.C), buf(self.C), buf(cfg.qkv_size), buf(self.H * self.D)
+        self.a, self.m, self.u, self.g = buf(self.C), buf(self.C), buf(2 * self.F), buf(self.F)
+        self.cos, self.sin = model.rope_table("cpu")
+        self.half = self.cos.shape[1]
+        self.layers = []
+        for layer in model.layers:
+            c = layer.attn.cache
+            self.layers.append((
+                layer.attn_norm.weight.detach().contiguous(), self._gemm_args(layer.attn.qkv),
+                self._gemm_args(layer.attn.out), layer.ffn_norm.weight.detach().contiguous(),
+                self._gemm_args(layer.mlp.up), self._gemm_args(layer.mlp.down), c.k, c.v))
+        self.norm_w = model.norm.weight.detach().contiguous()
+
+    @staticmethod
+    def _gemm_args(mod: QuantLinear):
+        from . import kernels
+        p = mod._packed
+        _, soff = kernels._layout(mod.bits, mod.out_features, mod.in_features, mod.group)
+        bias = 0 if mod.bias is None else mod.bias.data_ptr()
+        return (mod.bits, p.data_ptr(), p.data_ptr() + soff, bias, mod.out_features, mod.in_features, mod.group,
+                p, mod.bias)                                   # the last two keep the tensors alive
+
+    def valid(self) -> bool:
+        """Still pointing at the model's current cache and packed weights."""
+        m = self.model
+        if m.cache_len != self.max_seq or m.cache_batch != self.rows:
+            return False
+        for (_, qkv, _, _, _, _, k, v), layer in zip(self.layers, m.layers):
+            c = layer.attn.cache
+            if c is None or c.k is not k or c.v is not v or layer.attn.qkv._packed is not qkv[7]:
+                return False
+        return True
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int], positions: Sequence[int], row0: int = 0) -> torch.Tensor:
+        M = len(tokens)
+        if M < 1 or len(positions) != M or row0 < 0 or row0 + M > self.rows:
+            raise ValueError(f"{M} tokens at {len(positions)} positions into cache rows {row0}.. of {self.rows}")
+        for p in positions:
+            if not 0 <= p < self.max_seq:
+                raise ValueError(f"position {p} outside the cache of {self.max_seq}")
+        ext, model = self.ext, self.model
+        C, H, G, D, F = self.C, self.H, self.G, self.D, self.F
+        x, h, qkv, y, a, mm, u, g = (t[:M] for t in (self.x, self.h, self.qkv, self.y, self.a, self.m, self.u,
+                                                     self.g))
+        x.copy_(model.tok_embeddings(torch.tensor(list(tokens))))
+        xp, hp, qp, yp, ap, mp, up, gp = (t.data_ptr() for t in (x, h, qkv, y, a, mm, u, g))
+        # per row: its rotary row, its cache row (fp16 [G, max_seq, D]), its slices of qkv and y
+        qkv_n, row_bytes = qkv.shape[1] * 4, 2 * G * self.max_seq * D
+        rows = [(self.cos.data_ptr() + 4 * p * self.half, self.sin.data_ptr() + 4 * p * self.half,
+                 (row0 + i) * row_bytes, qp + i * qkv_n, yp + i * H * D * 4, p) for i, p in enumerate(positions)]
+        stride, gemm, attend = self.max_seq * D, ext.gemm, ext.attend
+        for i, (w1, qg, og, w2, ug, dg, kc, vc) in enumerate(self.layers):
+            ext.rmsnorm(xp, mp if i else 0, w1.data_ptr(), hp, M, C, self.eps)
+            gemm(qg[0], hp, qg[1], qg[2], qg[3], qp, M, qg[4], qg[5], qg[6])
+            kp, vp = kc.data_ptr(), vc.data_ptr()
+            for cos_p, sin_p, off, q_i, y_i, p in rows:
+                attend(q_i, cos_p, sin_p, kp + off, vp + off, y_i, H, G, D, self.R, self.interleaved, p, p + 1,
+                       stride)
+            gemm(og[0], yp, og[1], og[2], og[3], ap, M, og[4], og[5], og[6])
+            ext.rmsnorm(xp, ap, w2.data_ptr(), hp, M, C, self.eps)
+            gemm(ug[0], hp, ug[1], ug[2], ug[3], up, M, ug[4], ug[5], ug[6])
+            ext.swiglu(up, gp, M, F)
+            gemm(dg[0], gp, dg[1], dg[2], dg[3], mp, M, dg[4], dg[5], dg[6])
+        ext.rmsnorm(xp, mp, self.norm_w.data_ptr(), hp, M, C, self.eps)
+        return model.output(h)
