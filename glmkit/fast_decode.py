@@ -29,7 +29,8 @@ def _env_off() -> bool:
 
 
 def why_not(model: GLM) -> Optional[str]:
-    """None when FastDecoder can run this model (cache already set up); else the reason it cannot."""
+    """None when FastDecoder can run this model (cache already set up); else the reason it cannot.
+    Packs the quantized layers for the kernels on the way (QuantLinear.prepare, as their first forward would)."""
     from . import kernels
     if _env_off():
         return "disabled by GLMKIT_FAST_DECODE=0"
@@ -141,3 +142,11 @@ class FastDecoder:
             gemm(dg[0], gp, dg[1], dg[2], dg[3], mp, M, dg[4], dg[5], dg[6])
         ext.rmsnorm(xp, mp, self.norm_w.data_ptr(), hp, M, C, self.eps)
         return model.output(h)
+
+
+def fast_decoder(model: GLM, current: Optional[FastDecoder] = None) -> Optional[FastDecoder]:
+    """The fused decode path for the model's current cache (`current`, while still valid), or None where the
+    model runs model.forward (why_not says why)."""
+    if current is not None and current.valid():
+        return current
+    return FastDecoder(model) if why_not(model) is None else None

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .fast_decode import FastDecoder, why_not
+from .fast_decode import FastDecoder, fast_decoder
 from .model import GLM, SeqState
 from .sampling import SamplingParams, sample
 
@@ -120,14 +120,6 @@ class TokenStream:
             self.stats.finish_reason = reason
         if not self.stats.t_end:
             self.stats.t_end = time.perf_counter()
-
-
-def fast_decoder(model: GLM, current: Optional[FastDecoder] = None) -> Optional[FastDecoder]:
-    """The fused decode path for the model's current cache (current, when still valid), or None where the model
-    runs model.forward (see fast_decode.why_not)."""
-    if current is not None and current.valid():
-        return current
-    return FastDecoder(model) if why_not(model) is None else None
 
 
 class Generator:

@@ -21,6 +21,18 @@ GENERATIONS = {"chatglm-6b": "chatglm", "chatglm2-6b": "chatglm2", "chatglm3-6b"
 needs_shared = pytest.mark.skipif(not REF.is_dir(), reason=f"{SHARED} (reference checkpoints) is absent")
 
 
+def _kernels_ok() -> bool:
+    try:
+        from glmkit import kernels
+        return kernels.available()
+    except (ImportError, AttributeError):
+        return False
+
+
+needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="glmkit.kernels (AVX2 C extension) not built or no "
+                                                              "AVX2 on this CPU: only the reference path runs")
+
+
 def expected():
     return json.loads((REF / "expected.json").read_text())
 

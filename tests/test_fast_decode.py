@@ -8,22 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import needs_kernels
 from glmkit.config import ModelConfig
 from glmkit.model import GLM, apply_rope
 from glmkit.quant import QuantSpec, prepare_model, quantize_model
 from glmkit.sampling import SamplingParams
 
-
-def _kernels_ok() -> bool:
-    try:
-        from glmkit import kernels
-        return kernels.available()
-    except (ImportError, AttributeError):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _kernels_ok(), reason="glmkit.kernels (AVX2 C extension) not built or no "
-                                                          "AVX2 on this CPU: the fused path is off there")
+pytestmark = needs_kernels                                   # the fused path is off without them
 
 
 @pytest.fixture(params=["avx2", "scalar"])

@@ -9,23 +9,11 @@ import torch
 import torch.nn as nn
 
 import glmkit
-from conftest import REF, SHARED, expected, needs_shared
+from conftest import REF, SHARED, expected, needs_kernels, needs_shared
 from glmkit.checkpoint import CheckpointError, load_model, save_model
 from glmkit.generate import SamplingParams
 from glmkit.quant import (QuantEmbedding, QuantError, QuantLinear, QuantSpec, dequantize_tensor, quantize_model,
                           quantize_tensor)
-
-
-def _kernels_ok() -> bool:
-    try:
-        from glmkit import kernels
-        return kernels.available()
-    except (ImportError, AttributeError):
-        return False
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="glmkit.kernels (AVX2 C extension) not built or no "
-                                                              "AVX2 on this CPU: only the reference path runs")
 
 
 # --- the format ---------------------------------------------------------------------------------------------

@@ -37,20 +37,9 @@
 #endif
 
 /* ================================================================================================= */
-/* fp16 <-> fp32, portable (round to nearest even, as PyTorch's .to(torch.float16))                     */
+/* fp32 -> fp16, portable (round to nearest even, as PyTorch's .to(torch.float16)); the other way:   */
+/* qg_half_to_float from qgemm.c                                                                       */
 /* ================================================================================================= */
-static float h2f(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0) {
-        float f = (float)mant * (1.0f / 16777216.0f);            /* zero or subnormal: mant * 2^-24 */
-        return (h & 0x8000) ? -f : f;
-    }
-    bits = exp == 31 ? sign | 0x7f800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 static uint16_t f2h(float value) {
     uint32_t f;
     memcpy(&f, &value, 4);
@@ -122,7 +111,7 @@ static void attend_head_scalar(const attend_job *J, int h, float *s) {
     float m = -INFINITY;
     for (int j = 0; j < J->kv_len; j++) {
         float d = 0;
-        for (int i = 0; i < D; i++) d += q[i] * h2f(K[(long)j * D + i]);
+        for (int i = 0; i < D; i++) d += q[i] * qg_half_to_float(K[(long)j * D + i]);
         s[j] = d * J->scale;
         if (s[j] > m) m = s[j];
     }
@@ -134,7 +123,7 @@ static void attend_head_scalar(const attend_job *J, int h, float *s) {
     float *y = J->y + (long)h * D;
     for (int i = 0; i < D; i++) y[i] = 0;
     for (int j = 0; j < J->kv_len; j++)
-        for (int i = 0; i < D; i++) y[i] += s[j] * h2f(V[(long)j * D + i]);
+        for (int i = 0; i < D; i++) y[i] += s[j] * qg_half_to_float(V[(long)j * D + i]);
     const float inv = 1.0f / sum;
     for (int i = 0; i < D; i++) y[i] *= inv;
 }
@@ -377,8 +366,9 @@ PyObject *qg_py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             swiglu_avx2(h, out, (long)F);
             continue;
         }
-#endif
+#else
         (void)avx2;
+#endif
         swiglu_scalar(h, out, (long)F);
     }
     Py_END_ALLOW_THREADS
@@ -425,7 +415,10 @@ PyObject *qg_py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     J.kc = (const uint16_t *)p[3];
     J.vc = (const uint16_t *)p[4];
     J.y = (float *)p[5];
-    int nth = 1;
+    int nth = H * kv_len >= ATTEND_PARALLEL_MIN ? qg_pool_threads() : 1;
+    if (nth > H) nth = (int)H;
+    J.scores = (float *)malloc(sizeof(float) * (size_t)nth * (size_t)kv_len);
+    if (!J.scores) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     const float *cs = (const float *)p[1], *sn = (const float *)p[2];
     float *k = qkv + H * D, *vv = qkv + (H + G) * D;
@@ -445,12 +438,6 @@ PyObject *qg_py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             vd[i] = f2h(vv[g * D + i]);
         }
     }
-    Py_END_ALLOW_THREADS
-    if (H * kv_len >= ATTEND_PARALLEL_MIN) nth = qg_pool_threads();
-    if (nth > H) nth = (int)H;
-    J.scores = (float *)malloc(sizeof(float) * (size_t)nth * (size_t)kv_len);
-    if (!J.scores) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
     if (nth > 1)
         qg_parallel(attend_task, &J, nth);
     else

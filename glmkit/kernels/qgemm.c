@@ -84,7 +84,7 @@
 /* ================================================================================================= */
 /* fp16 -> fp32 (portable)                                                                             */
 /* ================================================================================================= */
-static float half_to_float(uint16_t h) {
+float qg_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
     if (exp == 0) {
         if (mant == 0) {
@@ -386,7 +386,7 @@ static void panel_scalar(const gemm_job *J, int p) {
                     gacc[r] += (float)s * xd[b];
                 }
             }
-            for (int r = 0; r < 8; r++) acc[r] += gacc[r] * half_to_float(sp[g * 8 + r]);
+            for (int r = 0; r < 8; r++) acc[r] += gacc[r] * qg_half_to_float(sp[g * 8 + r]);
         }
         const int n0 = p * 8;
         for (int r = 0; r < 8 && n0 + r < J->N; r++)

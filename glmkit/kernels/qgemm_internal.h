@@ -4,6 +4,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 
 typedef void (*qg_task_fn)(void *ctx, int tid, int nth);
 
@@ -12,6 +13,7 @@ typedef void (*qg_task_fn)(void *ctx, int tid, int nth);
 void qg_parallel(qg_task_fn fn, void *ctx, int max_threads);
 int qg_pool_threads(void);            /* threads a qg_parallel call may use */
 int qg_impl_avx2(void);               /* 1 when the AVX2/FMA/F16C code is in use (set_impl can turn it off) */
+float qg_half_to_float(uint16_t h);  /* portable fp16 -> fp32 (exact) */
 int qg_arg_ptr(PyObject *o, void **out);
 int qg_arg_ll(PyObject *o, long long *out);
 

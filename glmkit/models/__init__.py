@@ -1,6 +1,6 @@
 """Models shipped inside the package: glm-tiny, the default when no model folder is named.
 
-glm-tiny is a ~5M-parameter GLM (ChatGLM-6B architecture, its own 8k tokenizer) that glmkit pretrained with
+glm-tiny is a 7.3M-parameter GLM (ChatGLM-6B architecture, its own 8k tokenizer) that glmkit pretrained with
 blank infilling on classical Chinese poetry and English text and then fine-tuned on a few thousand chats; see
 glm-tiny/README.md (its model card) for data, size, losses and what it can and cannot do.
 """

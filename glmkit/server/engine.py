@@ -25,7 +25,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..generate import GenerationStats, SamplerState, default_prefill_chunk, fast_decoder, prefill
+from ..fast_decode import fast_decoder
+from ..generate import GenerationStats, SamplerState, default_prefill_chunk, prefill
 from ..model import GLM, SeqState
 from ..sampling import SamplingParams, sanitize
 
@@ -189,15 +190,15 @@ class Engine:
         act = self.active
         dev = self.model.device
         t0 = time.perf_counter()
-        ids = torch.tensor([[r.next_tok] for r in act], device=dev)
-        pos = torch.tensor([[r.pos] for r in act], device=dev)
-        state = SeqState(torch.cat([r.state.ctx_len for r in act]), torch.cat([r.state.mask_pos for r in act]))
-        kv_len = max(r.pos for r in act) + 1
-        if self._fast is not None and not self._fast.valid():
-            self._fast = fast_decoder(self.model)
+        if self._fast is not None:
+            self._fast = fast_decoder(self.model, self._fast)
         if self._fast is not None:                     # quantized GLM2+ on CPU: the fused path (fast_decode.py)
             logits = self._fast.step([r.next_tok for r in act], [r.pos for r in act])
         else:
+            ids = torch.tensor([[r.next_tok] for r in act], device=dev)
+            pos = torch.tensor([[r.pos] for r in act], device=dev)
+            state = SeqState(torch.cat([r.state.ctx_len for r in act]), torch.cat([r.state.mask_pos for r in act]))
+            kv_len = max(r.pos for r in act) + 1
             logits = self.model(ids, cache_pos=pos, state=state, kv_len=kv_len)[:, -1]     # [n, V]
         # plain greedy rows (no penalties, grammar or logprobs) are chosen in one argmax over the batch
         plain = [i for i, r in enumerate(act)

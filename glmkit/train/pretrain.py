@@ -89,6 +89,8 @@ def write_generation_config(folder: Path, cfg: ModelConfig):
 
 def run(args) -> dict:
     dist_info = init_distributed(args.device)
+    if dist_info.world > 1:
+        import torch.distributed as dist
     out = Path(args.out).expanduser()
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,6 @@ def run(args) -> dict:
                             mix_paths=args.mix or (), mix_units=args.mix_units,
                             mix_max_unit=objective.max_doc_len(args.seq_len), seed=args.seed)
     if dist_info.world > 1:
-        import torch.distributed as dist
         dist.barrier()
     if not dist_info.main:
         cache = open_cache(data_dir)
@@ -208,7 +209,6 @@ def run(args) -> dict:
               + (f", validation loss {res['val_loss']:.4f}" if res["val_loss"] is not None else "")
               + f"; model in {export_dir}", file=sys.stderr)
     if dist_info.world > 1:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
     return res
