@@ -79,7 +79,7 @@ def child_bandwidth(threads: int) -> dict:
 def child_glmkit(folder: str, dtype: str, threads: int, n_prompt: int, n_gen: int, ctx: int) -> dict:
     from glmkit.checkpoint import load_model
     from glmkit.cli.common import set_threads
-    from glmkit.generate import Generator
+    from glmkit.engine import Engine
     from glmkit.quant import prepare_model, quantized_bytes
     from glmkit.sampling import SamplingParams
 
@@ -87,18 +87,16 @@ def child_glmkit(folder: str, dtype: str, threads: int, n_prompt: int, n_gen: in
     model, _ = load_model(folder, dtype=None if dtype == "auto" else dtype)
     if model.config.quantization:
         prepare_model(model)
-    gen = Generator(model, max_seq=ctx)
+    eng = Engine(model, max_seq=ctx)              # the Pipeline's engine: one slot
     ids = prompt_ids(n_prompt, model.config.vocab_size)
     # warm-up: page weights in, pack kernels, first-call overheads
-    list(gen.stream(ids[:16], SamplingParams(temperature=0, max_new_tokens=4), stop_ids=()))
-    gen.reset()
-    stream = gen.stream(ids, SamplingParams(temperature=0, max_new_tokens=n_gen), stop_ids=())
+    list(eng.generate(ids[:16], SamplingParams(temperature=0, max_new_tokens=4), stop_ids=()))
+    eng.reset()                                   # the measured prompt reuses nothing
+    stream = eng.generate(ids, SamplingParams(temperature=0, max_new_tokens=n_gen), stop_ids=())
     n = sum(1 for _ in stream)
     st = stream.stats
-    from glmkit.fast_decode import why_not
-    path = "fused" if gen._fast is not None else f"model.forward ({why_not(model)})"
     return {"prefill_tps": st.prefill_tps, "decode_tps": st.decode_tps, "new_tokens": n,
-            "peak_rss": peak_rss_bytes(), "weight_bytes": quantized_bytes(model), "decode_path": path}
+            "peak_rss": peak_rss_bytes(), "weight_bytes": quantized_bytes(model), "decode_path": eng.decode_path}
 
 
 def child_llama(path: str, threads: int, n_prompt: int, n_gen: int, ctx: int) -> dict:

@@ -44,12 +44,14 @@ class ToolCall:
 
 
 class ChatResponse(str):
-    """The answer text (a str), with .content, .tool_calls, .finish_reason and .usage."""
+    """The answer text (a str), with .content, .tool_calls, .finish_reason, .usage and .logprobs (None unless
+    asked for: OpenAI-style entries, one per token)."""
 
     content: str
     tool_calls: list
     finish_reason: str
     usage: dict
+    logprobs: Optional[list]
 
     def __new__(cls, content: str, tool_calls=None, finish_reason: str = "stop", usage=None):
         s = super().__new__(cls, content)
@@ -57,6 +59,7 @@ class ChatResponse(str):
         s.tool_calls = list(tool_calls or [])
         s.finish_reason = finish_reason
         s.usage = dict(usage or {})
+        s.logprobs = None
         return s
 
     def to_message(self) -> dict:

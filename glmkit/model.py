@@ -8,9 +8,14 @@ Shapes at the boundaries: B batch, T new tokens, S key/value positions, H heads,
     ChatGLM2/3, GLM-4  RMSNorm, pre-norm residual, [q | k | v] fused QKV with bias, G < H key/value groups,
                     rotary on the first half of each head in interleaved pairs, SwiGLU, causal attention.
 
-The KV cache is static and preallocated (setup_cache); a forward with `cache_pos` writes the new keys/values
-at those positions and attends over the first `kv_len` cache slots. Rows of a batch may sit at different
-positions (the server decodes several sequences together).
+The KV cache is an object the caller owns and passes in (glmkit/engine/cache.py's KVCache; the model keeps no
+state between calls). Its one method the model uses:
+
+    cache.update(layer, k, v, cache_pos, kv_len, row0) -> (keys, values)
+        k, v [B, G, T, D] of this call's tokens go to positions cache_pos [B, T] of cache rows row0..row0+B-1;
+        returned: the keys/values of positions [0, kv_len) of those rows, [B, G, kv_len, D].
+
+Rows of a batch may sit at different positions (the engine decodes several sequences together).
 """
 from __future__ import annotations
 
@@ -58,33 +63,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class KVCache(nn.Module):
-    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, kv_heads, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, row0: int = 0):
-        """cache_pos [B, T]; k, v [B, G, T, D] into cache rows row0..row0+B-1
-        -> keys/values [B, G, kv_len, D] (views of the cache)."""
-        B = k.shape[0]
-        rows = torch.arange(row0, row0 + B, device=k.device)[:, None]
-        # advanced indices (rows, positions) around a slice put [B, T] first: [B, T, G, D]
-        self.k[rows, :, cache_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, cache_pos] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[row0:row0 + B, :, :kv_len], self.v[row0:row0 + B, :, :kv_len]
-
-
 class Attention(nn.Module):
     fp32_softmax = False           # training under bf16/fp16 autocast: scores and softmax in fp32 (GLM-130B)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.index = cfg, index              # index: this layer's place in the KV cache
         self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
         self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias)
-        self.cache: Optional[KVCache] = None
 
     def _split_qkv(self, qkv: torch.Tensor):
         cfg = self.cfg
@@ -108,16 +94,17 @@ class Attention(nn.Module):
         (c, s), = rope
         return torch.cat((apply_rope(x[..., :R], c, s, cfg.rope_interleaved), x[..., R:]), dim=-1)
 
-    def forward(self, x, rope, mask, cache_pos=None, kv_len=None, row0=0):
-        """x [B, T, C]; rope: per position stream (cos, sin) [B, T, 1, R/2]; mask [B, 1, T, S] bool (True = see)."""
+    def forward(self, x, rope, mask, cache=None, cache_pos=None, kv_len=None, row0=0):
+        """x [B, T, C]; rope: per position stream (cos, sin) [B, T, 1, R/2]; mask [B, 1, T, S] bool (True = see)
+        or None (every key visible)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self._split_qkv(self.qkv(x))
         q, k = self._rope(q, rope).to(x.dtype), self._rope(k, rope).to(x.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H|G, T, D]
-        if cache_pos is not None:
-            k, v = self.cache.update(cache_pos, k, v, kv_len, row0)            # [B, G, S, D]
+        if cache is not None:
+            k, v = cache.update(self.index, k, v, cache_pos, kv_len, row0)     # [B, G, S, D]
             if k.dtype != q.dtype:                                              # an fp16 cache (quantized)
                 k, v = k.to(q.dtype), v.to(q.dtype)
         S = k.shape[2]
@@ -157,17 +144,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, index)
         self.ffn_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.glm_residual, self.alpha = cfg.glm_residual, cfg.residual_alpha
 
-    def forward(self, x, rope, mask, cache_pos=None, kv_len=None, row0=0):
+    def forward(self, x, rope, mask, cache=None, cache_pos=None, kv_len=None, row0=0):
         h = self.attn_norm(x)
-        a = self.attn(h, rope, mask, cache_pos, kv_len, row0)
+        a = self.attn(h, rope, mask, cache, cache_pos, kv_len, row0)
         # ChatGLM-6B keeps the *normalised* input on the residual path, scaled by alpha
         x = h * self.alpha + a if self.glm_residual else x + a
         h = self.ffn_norm(x)
@@ -180,13 +167,12 @@ class GLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self.cache_batch = self.cache_len = 0
 
     # --- rotary table --------------------------------------------------------------------------------
     def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,72 +250,71 @@ class GLM(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    # --- cache ---------------------------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_seq: int, dtype=None, device=None):
-        """Preallocate keys/values for `batch` rows of up to `max_seq` positions (<= config.max_seq_len)."""
+    # --- forward, and its pieces (the engine runs a layer range at a time for long bidirectional contexts) -----
+    def attention_inputs(self, input_ids: torch.Tensor, cache_pos: Optional[torch.Tensor] = None,
+                         kv_len: Optional[int] = None, state: Optional[SeqState] = None,
+                         position_ids: Optional[torch.Tensor] = None,
+                         attention_mask: Optional[torch.Tensor] = None):
+        """-> (rope, mask, cache_pos) for tokens input_ids [B, T] at cache_pos [B, T] (default 0..T-1) attending
+        to key positions [0, kv_len) (default: the tokens themselves).
+
+        What the caller gives is used as given; only what is missing is derived: positions from cache_pos
+        (ChatGLM-6B's 2D positions from the SeqState), the mask causal (plus ChatGLM-6B's bidirectional
+        context). The SeqState is derived from input_ids only when a missing piece needs it.
+        mask None means every key is visible (a decode step of one row, or a bidirectional context)."""
         cfg = self.config
-        if max_seq > cfg.max_seq_len:
-            raise ValueError(f"cache of {max_seq} positions exceeds the model's {cfg.max_seq_len}")
-        device = device or self.device
-        if dtype is None:
-            # quantized models compute in fp32 on CPU; their cache is kept in fp16 (half the memory: 58 MB
-            # instead of 117 MB for ChatGLM3-6B at 2048 positions; converted back per step, F16C does it fast)
-            dtype = torch.float16 if cfg.quantization and self.dtype == torch.float32 else self.dtype
-        for layer in self.layers:
-            layer.attn.cache = KVCache(batch, cfg.num_kv_heads, max_seq, cfg.head_dim, dtype, device)
-        self.cache_batch, self.cache_len = batch, max_seq
+        B, T = input_ids.shape
+        if cache_pos is None:
+            cache_pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        needs_state = (position_ids is None and cfg.rope_2d) or (attention_mask is None and cfg.prefix_lm)
+        if needs_state and state is None:
+            state = self.sequence_state(input_ids)
+        rope = self._rope_for(cache_pos, state, position_ids)
+        mask = attention_mask
+        if mask is None:
+            keys = cache_pos if kv_len is None else torch.arange(kv_len, device=input_ids.device)
+            mask = self._mask_for(cache_pos, keys, state)
+            if bool(mask.all()):
+                mask = None                            # SDPA needs no mask when every key is visible
+        return rope, mask, cache_pos
 
-    def move_cache_row(self, src: int, dst: int, length: int):
-        """Copy the first `length` cached positions of row src into row dst (the server compacts its rows)."""
-        for layer in self.layers:
-            c = layer.attn.cache
-            c.k[dst, :, :length] = c.k[src, :, :length]
-            c.v[dst, :, :length] = c.v[src, :, :length]
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(input_ids)
 
-    def drop_cache(self):
-        for layer in self.layers:
-            layer.attn.cache = None
-        self.cache_batch = self.cache_len = 0
+    def blocks(self, x: torch.Tensor, rope, mask, cache=None, cache_pos=None, kv_len=None, row0: int = 0,
+               start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Hidden states [B, T, C] through layers [start, stop)."""
+        for layer in self.layers[start:stop]:
+            x = layer(x, rope, mask, cache, cache_pos, kv_len, row0)
+        return x
 
-    # --- forward -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, cache_pos: Optional[torch.Tensor] = None,
-                state: Optional[SeqState] = None, kv_len: Optional[int] = None,
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(x))
+
+    def forward(self, input_ids: torch.Tensor, cache=None, cache_pos: Optional[torch.Tensor] = None,
+                kv_len: Optional[int] = None, row0: int = 0, state: Optional[SeqState] = None,
                 position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                last_only: bool = False, cache_row0: int = 0) -> torch.Tensor:
+                last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only).
 
-        Without cache_pos: a full forward with the generation's default positions and masks (ChatGLM-6B's
-        derived from [gMASK]/[MASK]/<sop> in the ids). With cache_pos [B, T]: the tokens sit at those positions
-        of their sequences; keys/values go into cache rows cache_row0.. and attention covers cache slots
-        [0, kv_len).
-        `state` comes from sequence_state(prompt) (derived from input_ids when absent). position_ids
-        ([B, T], or [B, 2, T] for 2D) and attention_mask ([B, 1, T, S] bool) override the defaults.
+        Without a cache: a full forward over the tokens (positions 0..T-1 unless cache_pos / position_ids say
+        otherwise). With `cache` (see the module docstring): the tokens sit at positions cache_pos [B, T] of
+        cache rows row0..row0+B-1, their keys/values are written there and attention covers positions
+        [0, kv_len) of each row.
+        position_ids ([B, T], or [B, 2, T] for 2D) and attention_mask ([B, 1, T, S] bool) are used when given;
+        what is not given is derived (attention_inputs), ChatGLM-6B's from `state` (sequence_state of the ids
+        when absent: [gMASK]/[MASK]/<sop>).
         """
-        B, T = input_ids.shape
-        dev = input_ids.device
-        if state is None:
-            state = self.sequence_state(input_ids)
-        if cache_pos is None:
-            cache_pos = torch.arange(T, device=dev).expand(B, T)
-            key_pos = cache_pos
-            use_cache = False
-        else:
-            if self.cache_len == 0:
-                raise RuntimeError("call setup_cache() before a forward with cache_pos")
-            kv_len = kv_len if kv_len is not None else self.cache_len
-            key_pos = torch.arange(kv_len, device=dev)
-            use_cache = True
-        rope = self._rope_for(cache_pos, state, position_ids)
-        mask = attention_mask if attention_mask is not None else self._mask_for(cache_pos, key_pos, state)
-        if attention_mask is None and T == 1 and bool(mask.all()):
-            mask = None                                # decode step seeing all its keys: SDPA needs no mask
-
-        x = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache_pos if use_cache else None, kv_len, cache_row0)
+        if cache is not None:
+            if cache_pos is None:
+                raise ValueError("a forward with a KV cache needs cache_pos (the tokens' positions)")
+            kv_len = kv_len if kv_len is not None else int(cache_pos.max()) + 1
+        rope, mask, cache_pos = self.attention_inputs(input_ids, cache_pos, kv_len, state, position_ids,
+                                                      attention_mask)
+        x = self.blocks(self.embed(input_ids), rope, mask, cache, cache_pos, kv_len, row0)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x))
+        return self.head(x)
 
     # --- construction helpers ------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None):

@@ -3,6 +3,11 @@
     pipe = glmkit.load("path/to/chatglm3-6b")
     pipe.chat([{"role": "user", "content": "你好"}])            # -> ChatResponse (a str; .tool_calls)
     for piece in pipe.stream_chat("你好"): print(piece, end="")
+    pipe.chat("列出三种水果", response_format={"type": "json_object"}, logprobs=True, top_logprobs=3)
+
+The Pipeline drives the engine (glmkit/engine) with one slot on the caller's thread; the server drives another
+engine on the same model with many slots on its worker thread. Each engine has its own KV cache and prefix
+cache, so neither can reuse the other's keys/values.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch
 from .chat_format import ChatResponse, Prompt, render_within
 from .checkpoint import CheckpointError, load_model
 from .config import FAMILY_NAMES
-from .generate import ContextOverflow, GenerationStats, Generator
+from .engine import ContextOverflow, Engine, GenerationStats
 from .model import SeqState
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer
@@ -128,14 +133,33 @@ class AnswerText:
         return [] if (self.parser is None or self.stopped) else self.parser.tool_calls
 
 
+def logprob_entry(tokenizer: Tokenizer, token_id: int, logprob: float, alternatives) -> dict:
+    """One token's logprobs in OpenAI's shape: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}."""
+    def one(i, v):
+        t = tokenizer.decode([i], skip_special_tokens=False)
+        return {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+    d = one(token_id, logprob)
+    d["top_logprobs"] = [one(i, v) for i, v in alternatives]
+    return d
+
+
+def usage_of(st: GenerationStats) -> dict:
+    """OpenAI's usage block, with the prompt tokens that came from a cache."""
+    return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
+            "total_tokens": st.prompt_tokens + st.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": st.reused_tokens}}
+
+
 class ChatRun:
     """One answer being generated: iterate for text pieces; .response (ChatResponse) once finished."""
 
     def __init__(self, pipe: "Pipeline", prompt: Prompt, params: SamplingParams, raw: bool = False,
-                 state: Optional[SeqState] = None):
+                 state: Optional[SeqState] = None, constraint=None, logprobs: Optional[int] = None):
         self.pipe, self.prompt, self.params = pipe, prompt, params
         self.answer = AnswerText(pipe.tokenizer, prompt, params.stop, raw)
-        self.tokens = pipe.generator.stream(prompt.ids, params, pipe.tokenizer.chat_format.stop_ids, state)
+        self.tokens = pipe.engine.generate(prompt.ids, params, pipe.tokenizer.chat_format.stop_ids, state,
+                                           constraint=constraint, logprobs=logprobs)
+        self.want_logprobs = logprobs is not None
         self.response: Optional[ChatResponse] = None
         self._it = self._run()
 
@@ -175,9 +199,10 @@ class ChatRun:
         ans = self.answer
         calls = ans.tool_calls
         reason = "tool_calls" if calls else "stop" if ans.stopped else st.finish_reason or "stop"
-        usage = {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
-                 "total_tokens": st.prompt_tokens + st.new_tokens}
-        self.response = ChatResponse(ans.text, calls, reason, usage)
+        self.response = ChatResponse(ans.text, calls, reason, usage_of(st))
+        if self.want_logprobs:
+            tok = self.pipe.tokenizer
+            self.response.logprobs = [logprob_entry(tok, i, v, alts) for i, v, alts in self.tokens.logprobs]
         self.pipe.last_stats = st
 
     def result(self) -> ChatResponse:
@@ -203,24 +228,24 @@ MASK_TEXT = re.compile(r"(\[(?:MASK|sMASK|gMASK)\])")
 
 
 class Pipeline:
-    """A loaded model with its tokenizer and chat format; one generation at a time."""
+    """A loaded model with its tokenizer and chat format; one generation at a time (an engine with one slot)."""
 
     def __init__(self, model, tokenizer: Tokenizer, path: Optional[Path] = None, ctx: Optional[int] = None,
-                 defaults: Optional[dict] = None):
+                 defaults: Optional[dict] = None, cache_mb: Optional[float] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.path = Path(path) if path else None
         self.chat_format = tokenizer.chat_format
         max_seq = min(ctx or DEFAULT_CTX, model.config.max_seq_len)
-        self.generator = Generator(model, max_seq=max_seq)
+        self.engine = Engine(model, max_seq, slots=1, cache_mb=cache_mb)
         self.defaults = dict(self.chat_format.defaults)
         self.defaults.update(defaults or {})
         self.last_stats: Optional[GenerationStats] = None
 
     @property
     def ctx(self) -> int:
-        return self.generator.max_seq
+        return self.engine.max_seq
 
     @property
     def device(self):
@@ -240,32 +265,56 @@ class Pipeline:
             raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return SamplingParams(**merged).validate()
 
-    def _prompt_budget(self, params: SamplingParams) -> int:
+    def prompt_budget(self, params: SamplingParams) -> int:
+        """Prompt tokens a chat may use: the context less room for the answer (history is trimmed to fit)."""
         want = params.max_new_tokens or min(1024, self.ctx // 4)
         return self.ctx - min(want, self.ctx // 2)
 
+    def constraint_for(self, response_format, prompt: Prompt, params: SamplingParams):
+        """JSON mode (response_format {"type": "json_object"}) and forced tool calls decode under a grammar, so
+        the output parses whatever the model is -> a constraint for the engine, or None."""
+        kind = (response_format or {}).get("type", "text") if isinstance(response_format, dict) else None
+        if response_format is not None and kind not in ("text", "json_object"):
+            raise ValueError(f"response_format type {kind!r} is not supported (use 'text' or 'json_object')")
+        if kind != "json_object" and not prompt.forced_tool:
+            return None
+        from . import constrain
+        budget, stops = params.max_new_tokens, self.chat_format.stop_ids
+        if prompt.forced_tool and self.chat_format.family == "chatglm3":
+            return constrain.chatglm3_call_constraint(self.tokenizer, stops, max_tokens=budget)
+        return constrain.json_object_constraint(self.tokenizer, stops, max_tokens=budget)
+
     # --- chat --------------------------------------------------------------------------------------------
-    def start_chat(self, messages, tools=None, tool_choice=None, **sampling) -> ChatRun:
+    def start_chat(self, messages, tools=None, tool_choice=None, response_format=None, logprobs: bool = False,
+                   top_logprobs: Optional[int] = None, **sampling) -> ChatRun:
+        """The answer as a ChatRun (iterate it for text pieces). response_format {"type": "json_object"}: the
+        answer is a JSON object; logprobs: .response.logprobs gets each token's logprob and its top_logprobs
+        most likely alternatives (OpenAI's entries), of the model's distribution before sampling settings."""
         params = self.sampling_params(**sampling)
-        prompt = render_within(self.chat_format, messages, self._prompt_budget(params), tools=tools,
+        prompt = render_within(self.chat_format, messages, self.prompt_budget(params), tools=tools,
                                tool_choice=tool_choice)
-        return ChatRun(self, prompt, params)
+        constraint = self.constraint_for(response_format, prompt, params)
+        return ChatRun(self, prompt, params, constraint=constraint,
+                       logprobs=(top_logprobs or 0) if logprobs or top_logprobs else None)
 
-    def chat(self, messages, tools=None, tool_choice=None, **sampling) -> ChatResponse:
-        """messages (OpenAI-style dicts, or one string) -> the answer (a str with .tool_calls, .usage)."""
-        return self.start_chat(messages, tools, tool_choice, **sampling).result()
+    def chat(self, messages, tools=None, tool_choice=None, **options) -> ChatResponse:
+        """messages (OpenAI-style dicts, or one string) -> the answer (a str with .tool_calls, .usage; .logprobs
+        when asked for). Options: sampling (temperature, top_p, max_tokens, seed, stop...), response_format,
+        logprobs, top_logprobs."""
+        return self.start_chat(messages, tools, tool_choice, **options).result()
 
-    def stream_chat(self, messages, tools=None, tool_choice=None, **sampling) -> Iterator[str]:
+    def stream_chat(self, messages, tools=None, tool_choice=None, **options) -> Iterator[str]:
         """Like chat(), yielding text pieces as they are generated (tool calls: see start_chat().response)."""
-        return iter(self.start_chat(messages, tools, tool_choice, **sampling))
+        return iter(self.start_chat(messages, tools, tool_choice, **options))
 
     # --- raw completion ----------------------------------------------------------------------------------
-    def start_generate(self, prompt, **sampling) -> ChatRun:
+    def start_generate(self, prompt, logprobs: Optional[int] = None, **sampling) -> ChatRun:
+        """logprobs: None, or k >= 0 alternatives per token (.response.logprobs)."""
         params = self.sampling_params(**sampling)
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
         if len(ids) >= self.ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
-        return ChatRun(self, Prompt(ids=ids), params, raw=True)
+        return ChatRun(self, Prompt(ids=ids), params, raw=True, logprobs=logprobs)
 
     def generate(self, prompt, **sampling) -> str:
         """Continue raw text (the tokenizer's special tokens added as its encode() does) -> new text."""
@@ -325,13 +374,15 @@ def _generation_defaults(path: Path) -> dict:
 
 
 def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = None,
-         ctx: Optional[int] = None, progress: bool = False, quantize=None) -> Pipeline:
+         ctx: Optional[int] = None, progress: bool = False, quantize=None,
+         cache_mb: Optional[float] = None) -> Pipeline:
     """Load a model folder (official ChatGLM-6B/2/3, GLM-4 in either layout, or glmkit's own) -> Pipeline.
 
     dtype: None picks float32 on CPU for models under 1B parameters, else bfloat16 (float16 on CUDA unless the
     checkpoint is bf16); quantized models compute in float32 on CPU. ctx: context positions to allocate
     (default 8192, capped by the model). quantize: "int4" | "int8" | "int4:g64" quantizes while loading
-    (a folder written by `glmkit quantize` is quantized already and needs nothing).
+    (a folder written by `glmkit quantize` is quantized already and needs nothing). cache_mb: memory for
+    the prefix cache of earlier prompts (default engine.DEFAULT_CACHE_MB; 0 turns it off).
     """
     if path is None:                  # the embedded glm-tiny (glmkit/models), when this install carries it
         from .models import embedded_model_path
@@ -353,4 +404,4 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size} embedding rows")
-    return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path))
+    return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path), cache_mb=cache_mb)

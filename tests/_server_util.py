@@ -34,15 +34,17 @@ def wait_healthy(base: str, proc=None, seconds: float = 30.0):
 
 
 @contextlib.contextmanager
-def running_server(model_dir, *, ctx=None, quantize=None, **settings):
-    """Load `model_dir` (a fresh Pipeline: the server's worker owns its model) and serve it over real HTTP.
-    Yields (base_url, app) where app.engine is the worker."""
+def running_server(model_dir=None, *, ctx=None, quantize=None, pipe=None, **settings):
+    """Load `model_dir` (a fresh Pipeline), or take `pipe`, and serve it over real HTTP.
+    Yields (base_url, app) where app.engine is the server's engine."""
     import uvicorn
 
     import glmkit
     from glmkit.server.app import ServerSettings, create_app
 
-    pipe = glmkit.load(model_dir, ctx=ctx, quantize=quantize)
+    if pipe is None:
+        pipe = glmkit.load(model_dir, ctx=ctx, quantize=quantize)
+    model_dir = model_dir or pipe.path
     settings.setdefault("model_id", Path(model_dir).name)
     app = create_app(pipe, ServerSettings(**settings))
     port = free_port()

@@ -656,18 +656,16 @@ def _cached_logits(model, sample: Sample) -> torch.Tensor:
     """Prefill Part A + <sop> with the KV cache, then feed the span one token at a time."""
     ids = sample.input_ids.tolist()
     ctx = sample.sep + 1
-    model.setup_cache(1, 64)
-    try:
-        with torch.no_grad():
-            prompt = torch.tensor([ids[:ctx]])
-            state = model.sequence_state(prompt)
-            out = [model(prompt, cache_pos=torch.arange(ctx)[None], state=state, kv_len=ctx)[0]]
-            for p in range(ctx, len(ids)):
-                out.append(model(torch.tensor([[ids[p]]]), cache_pos=torch.tensor([[p]]), state=state,
-                                 kv_len=p + 1)[0])
-        return torch.cat(out)
-    finally:
-        model.drop_cache()
+    from glmkit.engine import KVCache
+    cache = KVCache.for_model(model, 1, 64)
+    with torch.no_grad():
+        prompt = torch.tensor([ids[:ctx]])
+        state = model.sequence_state(prompt)
+        out = [model(prompt, cache, cache_pos=torch.arange(ctx)[None], state=state, kv_len=ctx)[0]]
+        for p in range(ctx, len(ids)):
+            out.append(model(torch.tensor([[ids[p]]]), cache, cache_pos=torch.tensor([[p]]), state=state,
+                             kv_len=p + 1)[0])
+    return torch.cat(out)
 
 
 @pytest.mark.parametrize("which", ["gmask", "prompt", "gmask_fresh", "single_mask"])

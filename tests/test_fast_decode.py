@@ -1,4 +1,5 @@
-"""The fused decode path (glmkit/fast_decode.py + kernels/decode_ops.c) against model.forward and plain torch."""
+"""The fused decode path (glmkit/engine/fast_decode.py + kernels/decode_ops.c) against model.forward and plain
+torch."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 from conftest import needs_kernels
 from glmkit.config import ModelConfig
+from glmkit.engine import Engine, KVCache, Sequence
+from glmkit.engine.fast_decode import FastDecoder, why_not
 from glmkit.model import GLM, apply_rope
 from glmkit.quant import QuantSpec, prepare_model, quantize_model
 from glmkit.sampling import SamplingParams
@@ -127,11 +130,10 @@ def _model(bits=4, D=32, interleaved=True, bias=True, seed=1, layers=3, max_seq=
 
 
 def _pair(model, batch, max_seq):
+    """The model and a copy, each with its own cache."""
     a, b = model, copy.deepcopy(model)
     prepare_model(b)
-    a.setup_cache(batch, max_seq)
-    b.setup_cache(batch, max_seq)
-    return a, b
+    return (a, KVCache.for_model(a, batch, max_seq)), (b, KVCache.for_model(b, batch, max_seq))
 
 
 @pytest.mark.parametrize("bits,D,interleaved,bias", [(4, 32, True, True), (8, 32, True, False),
@@ -141,66 +143,60 @@ def test_step_equals_forward(bits, D, interleaved, bias):
     block in the GEMMs, so a difference in the last float bit can flip one rounding and move the logits by
     quantization noise (~3e-2 here, the same size as either path's distance from an unquantized-activation
     reference); at most 2 of 20 steps may do that, the rest agree to float precision."""
-    from glmkit.fast_decode import FastDecoder
-    ref, fused = _pair(_model(bits, D, interleaved, bias), 1, 96)
-    fd = FastDecoder(fused)
+    (ref, rc), (fused, fc) = _pair(_model(bits, D, interleaved, bias), 1, 96)
+    fd = FastDecoder(fused, fc)
     ids = torch.randint(0, 320, (1, 50), generator=torch.Generator().manual_seed(3))
     errs = []
     with torch.inference_mode():
-        for m in (ref, fused):
-            m(ids[:, :30], cache_pos=torch.arange(30)[None], kv_len=30)
+        for m, c in ((ref, rc), (fused, fc)):
+            m(ids[:, :30], c, cache_pos=torch.arange(30)[None], kv_len=30)
         for p in range(30, 50):
-            for la, lb in zip(ref.layers, fused.layers):
-                lb.attn.cache.k.copy_(la.attn.cache.k)
-                lb.attn.cache.v.copy_(la.attn.cache.v)
-            want = ref(ids[:, p:p + 1], cache_pos=torch.tensor([[p]]), kv_len=p + 1)[:, -1]
-            got = fd.step([int(ids[0, p])], [p])
+            for ka, kb, va, vb in zip(rc.k, fc.k, rc.v, fc.v):
+                kb.copy_(ka)
+                vb.copy_(va)
+            want = ref(ids[:, p:p + 1], rc, cache_pos=torch.tensor([[p]]), kv_len=p + 1)[:, -1]
+            got = fd.step([int(ids[0, p])], [p], [0])
             # the keys/values written at p: equal up to one fp16 rounding of values equal to float precision
-            kv = max(((lb.attn.cache.k[:, :, p].float() - la.attn.cache.k[:, :, p].float()).abs()
-                      / (la.attn.cache.k[:, :, p].float().abs() + 1e-2)).max().item() for la, lb in
-                     zip(ref.layers, fused.layers))
+            kv = max(((kb[:, :, p].float() - ka[:, :, p].float()).abs() / (ka[:, :, p].float().abs() + 1e-2))
+                     .max().item() for ka, kb in zip(rc.k, fc.k))
             errs.append(((got - want).abs().max().item(), kv))
     assert sum(e < 2e-6 and kv <= 1e-3 for e, kv in errs) >= 18, errs
     assert max(e for e, _ in errs) < 0.1 and max(kv for _, kv in errs) < 0.5, errs
 
 
 def test_step_of_several_rows_at_their_own_positions():
-    from glmkit.fast_decode import FastDecoder
-    ref, fused = _pair(_model(4), 4, 96)
-    fd = FastDecoder(fused)
+    (ref, rc), (fused, fc) = _pair(_model(4), 4, 96)
+    fd = FastDecoder(fused, fc)
     g = torch.Generator().manual_seed(5)
     lens = [7, 31, 18]                                          # rows 1, 2, 3 (row 0 unused)
     with torch.inference_mode():
         for r, n in enumerate(lens, start=1):
             ids = torch.randint(0, 320, (1, n), generator=g)
-            for m in (ref, fused):
-                m(ids, cache_pos=torch.arange(n)[None], kv_len=n, cache_row0=r)
+            for m, c in ((ref, rc), (fused, fc)):
+                m(ids, c, cache_pos=torch.arange(n)[None], kv_len=n, row0=r)
         toks = [5, 17, 300]
         pos = torch.tensor(lens)[:, None]
         state = ref.sequence_state(torch.tensor([toks]).T)
-        want = ref(torch.tensor(toks)[:, None], cache_pos=pos, kv_len=max(lens) + 1, state=state,
-                   cache_row0=1)[:, -1]
-        got = fd.step(toks, lens, row0=1)
+        want = ref(torch.tensor(toks)[:, None], rc, cache_pos=pos, kv_len=max(lens) + 1, state=state,
+                   row0=1)[:, -1]
+        got = fd.step(toks, lens, [1, 2, 3])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
-    for la, lb in zip(ref.layers, fused.layers):
-        torch.testing.assert_close(la.attn.cache.k, lb.attn.cache.k, rtol=1e-3, atol=1e-3)
+    for ka, kb in zip(rc.k, fc.k):
+        torch.testing.assert_close(ka, kb, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="cache rows"):
-        fd.step([1, 2], [3, 4], row0=3)
+        fd.step([1, 2], [3, 4], [3, 4])
     with pytest.raises(ValueError, match="outside the cache"):
-        fd.step([1], [96])
+        fd.step([1], [96], [0])
 
 
 def test_why_not_names_the_reason(monkeypatch):
-    from glmkit.fast_decode import why_not
     cfg = ModelConfig(family="chatglm3", vocab_size=64, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                       head_dim=32, ffn_hidden_size=64, max_seq_len=32)
     plain = GLM(cfg).init_weights(seed=0)
-    plain.setup_cache(1, 32)
-    assert "quantized" in why_not(plain) or "fp32" in why_not(plain)
+    assert "quantized" in why_not(plain, KVCache.for_model(plain, 1, 32)) or "fp32" in why_not(plain)
     q = _model(4)
-    assert "cache" in why_not(q)                                # before setup_cache
-    q.setup_cache(1, 96)
-    assert why_not(q) is None
+    assert "cache" in why_not(q, KVCache.for_model(q, 1, 96, dtype=torch.float32))     # not an fp16 cache
+    assert why_not(q, KVCache.for_model(q, 1, 96)) is None
     monkeypatch.setenv("GLMKIT_FAST_DECODE", "0")
     assert "GLMKIT_FAST_DECODE" in why_not(q)
     v1 = ModelConfig(family="chatglm", vocab_size=64, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
@@ -209,37 +205,34 @@ def test_why_not_names_the_reason(monkeypatch):
                      rope_interleaved=False)
     monkeypatch.delenv("GLMKIT_FAST_DECODE")
     m1 = quantize_model(GLM(v1).init_weights(seed=0), QuantSpec.parse("int4"))
-    m1.setup_cache(1, 32)
-    assert "ChatGLM-6B" in why_not(m1)
+    assert "ChatGLM-6B" in why_not(m1, KVCache.for_model(m1, 1, 32))
 
 
 def _greedy(model, prompt, n):
-    from glmkit.generate import Generator
-    gen = Generator(model, max_seq=96)
-    return list(gen.stream(prompt, SamplingParams(temperature=0, max_new_tokens=n))), gen
+    eng = Engine(model, max_seq=96)
+    return list(eng.generate(prompt, SamplingParams(temperature=0, max_new_tokens=n))), eng
 
 
 def test_generator_uses_it_and_matches_the_reference(monkeypatch):
     prompt = list(range(3, 40))
     m = _model(4, seed=7)
     fused_tokens, gen = _greedy(m, prompt, 40)
-    assert gen._fast is not None                                # the fused path ran
+    assert gen.stepper.fast is not None                         # the fused path ran
     monkeypatch.setenv("GLMKIT_FAST_DECODE", "0")
     m2 = _model(4, seed=7)
     ref_tokens, gen2 = _greedy(m2, prompt, 40)
-    assert gen2._fast is None
+    assert gen2.stepper.fast is None
     assert fused_tokens == ref_tokens
 
 
 def _engine_tokens(model, prompts, n):
-    from glmkit.server.engine import Engine, EngineRequest
-    eng = Engine(model, max_seq=96, parallel=4).start()
+    eng = Engine(model, max_seq=96, slots=4).start()
     outs = []
     try:
         qs = []
         for p in prompts:
             q = queue.Queue()
-            eng.submit(EngineRequest(p, SamplingParams(temperature=0, max_new_tokens=n), [], q.put))
+            eng.submit(Sequence(p, SamplingParams(temperature=0, max_new_tokens=n), [], q.put))
             qs.append(q)
         for q in qs:
             toks = []
@@ -260,8 +253,8 @@ def _engine_tokens(model, prompts, n):
 def test_server_engine_batches_through_it(monkeypatch):
     prompts = [list(range(5, 20)), list(range(40, 80)), [7, 8, 9]]
     got, eng = _engine_tokens(_model(8, seed=11), prompts, 24)
-    assert eng._fast is not None
+    assert eng.stepper.fast is not None
     monkeypatch.setenv("GLMKIT_FAST_DECODE", "0")
     want, eng2 = _engine_tokens(_model(8, seed=11), prompts, 24)
-    assert eng2._fast is None
+    assert eng2.stepper.fast is None
     assert got == want and all(len(t) == 24 for t in got)

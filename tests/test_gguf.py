@@ -269,7 +269,7 @@ def llama_greedy(llm, ids, n=N_NEW):
 def glmkit_greedy(pipe, ids, n=N_NEW):
     from glmkit.sampling import SamplingParams
 
-    return list(pipe.generator.stream(list(ids), SamplingParams(temperature=0, max_new_tokens=n), stop_ids=()))
+    return list(pipe.engine.generate(list(ids), SamplingParams(temperature=0, max_new_tokens=n), stop_ids=()))
 
 
 _PIPES = {}

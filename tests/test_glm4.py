@@ -102,10 +102,10 @@ def test_glm4_logits_match_transformers(glm_pair, layout):
             got = model(x)[0]
         assert (got - want).abs().max().item() <= 1e-4
         # greedy continuation with the KV cache equals transformers' own generate
-        from glmkit.generate import Generator
+        from glmkit.engine import Engine
 
-        g = Generator(model, max_seq=128)
-        ours = list(g.stream(ids, SamplingParams(temperature=0, max_new_tokens=10)))
+        g = Engine(model, max_seq=128)
+        ours = list(g.generate(ids, SamplingParams(temperature=0, max_new_tokens=10)))
         with torch.inference_mode():
             theirs = ref.generate(x, max_new_tokens=10, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, len(ids):].tolist()

@@ -68,13 +68,13 @@ def pipe():
 def rounds(pipe, monkeypatch):
     """Records (prompt ids, SeqState) of every generation the pipeline starts."""
     seen = []
-    stream = pipe.generator.stream
+    generate = pipe.engine.generate
 
-    def spy(ids, params, stop_ids=(), state=None):
+    def spy(ids, params, stop_ids=(), state=None, **kw):
         seen.append((list(ids), state))
-        return stream(ids, params, stop_ids, state)
+        return generate(ids, params, stop_ids, state, **kw)
 
-    monkeypatch.setattr(pipe.generator, "stream", spy)
+    monkeypatch.setattr(pipe.engine, "generate", spy)
     return seen
 
 

@@ -1,12 +1,13 @@
 """The model on random tiny configs of every generation: prefill + one-token decode steps over the static KV
-cache give the logits of a full forward; rows of a batch at different positions; chunked prefill; prefix reuse."""
+cache object give the logits of a full forward; rows of a batch at different positions; chunked prefill; prefix
+reuse."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from glmkit.config import preset
-from glmkit.generate import Generator
+from glmkit.engine import Engine, KVCache
 from glmkit.model import GLM
 from glmkit.sampling import SamplingParams
 
@@ -47,13 +48,13 @@ def test_cache_decode_equals_full_forward(name, mask):
     prompt = prompt_for(m, mask=mask)
     cont = [40, 41, 42, 43, 44, 45]
     full = m(torch.tensor([prompt + cont]))[0]
-    m.setup_cache(1, 64)
+    cache = KVCache.for_model(m, 1, 64)
     state = m.sequence_state(torch.tensor([prompt]))
     T = len(prompt)
-    out = [m(torch.tensor([prompt]), cache_pos=torch.arange(T)[None], state=state, kv_len=T)[0]]
+    out = [m(torch.tensor([prompt]), cache, cache_pos=torch.arange(T)[None], state=state, kv_len=T)[0]]
     for k, tok in enumerate(cont):
         p = T + k
-        out.append(m(torch.tensor([[tok]]), cache_pos=torch.tensor([[p]]), state=state, kv_len=p + 1)[0])
+        out.append(m(torch.tensor([[tok]]), cache, cache_pos=torch.tensor([[p]]), state=state, kv_len=p + 1)[0])
     stepped = torch.cat(out)
     assert (stepped - full).abs().max().item() < 1e-4
 
@@ -63,7 +64,7 @@ def test_batch_rows_at_different_positions(name):
     """Two sequences of different lengths decode in one forward; each row equals its single-row run."""
     m = tiny(name)
     a, b = prompt_for(m, n=5), prompt_for(m, n=11)
-    m.setup_cache(2, 64)
+    cache = KVCache.for_model(m, 2, 64)
     states = []
     for row, p in enumerate((a, b)):
         # prefill row by row (the server does the same), through a one-row view of the cache
@@ -76,10 +77,10 @@ def test_batch_rows_at_different_positions(name):
     L = max(len(a), len(b))
     ids = torch.tensor([a + [0] * (L - len(a)), b + [0] * (L - len(b))])
     pos = torch.arange(L).expand(2, L)
-    m(ids, cache_pos=pos, state=both, kv_len=L)
+    m(ids, cache, cache_pos=pos, state=both, kv_len=L)
     nxt = torch.tensor([[50], [60]])
     pos = torch.tensor([[len(a)], [len(b)]])
-    batched = m(nxt, cache_pos=pos, state=both, kv_len=L + 1)[:, 0]
+    batched = m(nxt, cache, cache_pos=pos, state=both, kv_len=L + 1)[:, 0]
     for row, (p, t) in enumerate(((a, 50), (b, 60))):
         ref = m(torch.tensor([p + [t]]))[0, -1]
         assert (batched[row] - ref).abs().max().item() < 1e-4
@@ -88,21 +89,19 @@ def test_batch_rows_at_different_positions(name):
 @pytest.mark.parametrize("name", ["chatglm2-6b", "glm-4-9b"])
 def test_chunked_prefill_and_prefix_reuse(name):
     m = tiny(name)
-    g = Generator(m, max_seq=100, prefill_chunk=4)
+    g = Engine(m, max_seq=100, prefill_chunk=4)
     p = list(range(3, 30))
     greedy = SamplingParams(temperature=0, max_new_tokens=8)
-    first = list(g.stream(p, greedy))
-    g2 = Generator(m, max_seq=100, prefill_chunk=1000)
-    g2.model.drop_cache()
-    assert list(g2.stream(p, greedy)) == first
+    first = list(g.generate(p, greedy))
+    g2 = Engine(m, max_seq=100, prefill_chunk=1000)
+    assert list(g2.generate(p, greedy)) == first
     # the next turn shares the prompt and the answer: only the new part is prefilled
     turn2 = p + first + [7, 8, 9]
-    s = g2.stream(turn2, greedy)
+    s = g2.generate(turn2, greedy)
     out = list(s)
     assert s.stats.reused_tokens == len(p) + len(first) - 1
-    fresh = Generator(m, max_seq=100)
-    m.drop_cache()
-    assert list(fresh.stream(turn2, greedy)) == out
+    fresh = Engine(m, max_seq=100)
+    assert list(fresh.generate(turn2, greedy)) == out
 
 
 def test_chatglm6b_positions_follow_the_official_rules():
@@ -119,10 +118,9 @@ def test_chatglm6b_positions_follow_the_official_rules():
     assert mask[0, 4] and not mask[0, 5] and mask[6, 5] and not mask[5, 6]
 
 
-def test_setup_cache_limits():
+def test_cache_limits():
     m = tiny("chatglm3-6b")
     with pytest.raises(ValueError, match="exceeds"):
-        m.setup_cache(1, 1000)
-    with pytest.raises(RuntimeError, match="setup_cache"):
-        m.drop_cache()
-        m(torch.tensor([[1, 2]]), cache_pos=torch.tensor([[0, 1]]))
+        KVCache.for_model(m, 1, 1000)
+    with pytest.raises(ValueError, match="cache_pos"):
+        m(torch.tensor([[1, 2]]), KVCache.for_model(m, 1, 64))

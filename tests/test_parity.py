@@ -18,8 +18,8 @@ IDS = [f"{g}-{i}" for g, i, _ in CASES]
 
 
 def greedy_cached(pipe, ids, n=12):
-    pipe.generator.reset()
-    return list(pipe.generator.stream(ids, SamplingParams(temperature=0, max_new_tokens=n), stop_ids=()))
+    pipe.engine.reset()
+    return list(pipe.engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=n), stop_ids=()))
 
 
 def greedy_full(model, ids, n=12):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import glmkit
 from conftest import REF, SHARED, expected, needs_kernels, needs_shared
 from glmkit.checkpoint import CheckpointError, load_model, save_model
-from glmkit.generate import SamplingParams
+from glmkit.sampling import SamplingParams
 from glmkit.quant import (QuantEmbedding, QuantError, QuantLinear, QuantSpec, dequantize_tensor, quantize_model,
                           quantize_tensor)
 
@@ -193,8 +193,8 @@ def test_int8_accuracy_on_reference_models():
                 a, b = p32.model(ids)[0], p8.model(ids)[0]
             rel = ((a - b).abs().amax(-1) / a.std(-1)).max().item()
             assert rel <= INT8_LOGIT_TOL, f"{gen}: int8 logits off by {rel:.3f} std"
-            p8.generator.reset()
-            out = list(p8.generator.stream(case["input_ids"], SamplingParams(temperature=0, max_new_tokens=12),
+            p8.engine.reset()
+            out = list(p8.engine.generate(case["input_ids"], SamplingParams(temperature=0, max_new_tokens=12),
                                            stop_ids=()))
             ref = case["greedy_12"]
             n = next((i for i, (x, y) in enumerate(zip(out, ref)) if x != y), len(ref))

@@ -24,7 +24,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..chat_format import ChatFormatError
     from ..config import FAMILY_NAMES
-    from ..generate import ContextOverflow
+    from ..engine import ContextOverflow
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -53,7 +53,6 @@ def run(args) -> int:
             return 0
         if cmd == "/clear":
             history = []
-            pipe.generator.reset()
             print("(conversation cleared)")
             continue
         if cmd in ("/help", "/?"):

@@ -22,6 +22,10 @@ def add_model_args(p: argparse.ArgumentParser):
                         "a 6B model in ~3.5 GB (int4) or ~6.5 GB (int8); `glmkit quantize` saves the result")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch and the quantized kernels (default: all cores)")
+    g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for the prefix cache: keys/values of earlier prompts (chat history, shared "
+                        "system prompts) reused by later ones, least recently used dropped first (default "
+                        "1024; 0 = off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -60,7 +64,7 @@ def load_pipeline(args):
               "--model ~/models/chatglm3-6b (see --help).", file=sys.stderr)
         args.model = str(path)
     return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=sys.stderr.isatty(),
-                quantize=getattr(args, "quantize", None))
+                quantize=getattr(args, "quantize", None), cache_mb=getattr(args, "cache_mb", None))
 
 
 def set_threads(n):

@@ -34,6 +34,12 @@ def add_arguments(p):
                    help="longest a request may take; then it ends with finish_reason 'length' (default 600)")
     g.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the model folder's name)")
+    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens read per step between decode steps, so running streams wait at most one "
+                        "chunk for their next token (default: 128 for quantized models, 512 otherwise)")
+    g.add_argument("--trim-history", action="store_true",
+                   help="drop the oldest turns of a chat that does not fit the context, as `glmkit chat` does "
+                        "(default: answer HTTP 400 context_length_exceeded, as OpenAI)")
     g.add_argument("--max-body", type=int, default=4 << 20, metavar="BYTES",
                    help="largest request body accepted (default 4 MiB; larger: HTTP 413)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -49,10 +55,16 @@ def run(args) -> int:
     for name in ("parallel", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError("--prefill-chunk must be positive")
+    if args.cache_mb is not None and args.cache_mb < 0:
+        raise ValueError("--cache-mb must be 0 (off) or more")
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.model).expanduser().resolve().name
     settings = ServerSettings(model_id=name, api_key=args.api_key, parallel=args.parallel,
-                              max_queue=args.max_queue, request_timeout=args.timeout, max_body_bytes=args.max_body)
+                              max_queue=args.max_queue, request_timeout=args.timeout, max_body_bytes=args.max_body,
+                              cache_mb=args.cache_mb, prefill_chunk=args.prefill_chunk,
+                              trim_history=args.trim_history)
     app = create_app(pipe, settings)
     print(f"glmkit serve: {name} ({pipe.config.family}, context {pipe.ctx}, {args.parallel} slots) on "
           f"http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr, flush=True)

@@ -9,8 +9,8 @@ attention, SiLU * up, residual adds). Each op costs a few microseconds of dispat
     a = gemm(y)                   h = rmsnorm(x += a)     u = gemm(h)     g = swiglu(u)     m = gemm(g)
 
 (glmkit/kernels/decode_ops.c for the fused ops). It lives outside model.py because it needs the kernels, and
-model.py imports only torch and the config. Used by generate.Generator for ChatGLM2/3 and GLM-4 shapes whose
-matrices all run in the kernels; why_not() names what keeps a model on the reference path.
+model.py imports only torch and the config. engine/step.py runs the decode steps of ChatGLM2/3 and GLM-4 shapes
+whose matrices all run in the kernels through it; why_not() names what keeps a model on the reference path.
 GLMKIT_FAST_DECODE=0 turns it off (A/B measurements). tests/test_fast_decode.py holds it to model.forward.
 """
 from __future__ import annotations
@@ -20,18 +20,20 @@ from typing import Optional, Sequence
 
 import torch
 
-from .model import GLM
-from .quant import QuantLinear
+from ..model import GLM
+from ..quant import QuantLinear
+from .cache import KVCache
 
 
 def _env_off() -> bool:
     return os.environ.get("GLMKIT_FAST_DECODE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def why_not(model: GLM) -> Optional[str]:
-    """None when FastDecoder can run this model (cache already set up); else the reason it cannot.
-    Packs the quantized layers for the kernels on the way (QuantLinear.prepare, as their first forward would)."""
-    from . import kernels
+def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
+    """None when FastDecoder can run this model over this cache (None: any fp16 cache); else the reason it
+    cannot. Packs the quantized layers for the kernels on the way (QuantLinear.prepare, as their first forward
+    would)."""
+    from .. import kernels
     if _env_off():
         return "disabled by GLMKIT_FAST_DECODE=0"
     if not kernels.available():
@@ -48,30 +50,30 @@ def why_not(model: GLM) -> Optional[str]:
                           ("mlp.down", layer.mlp.down)):
             if type(mod) is not QuantLinear or not mod.prepare():
                 return f"layers.{i}.{name} is not a quantized layer on the kernels' path"
-        c = layer.attn.cache
-        if c is None or c.k.dtype != torch.float16 or not c.k.is_contiguous() or not c.v.is_contiguous():
-            return "needs the fp16 KV cache set up (setup_cache)"
+    if cache is not None and (cache.dtype != torch.float16 or not all(t.is_contiguous() for t in cache.k + cache.v)
+                              or cache.k[0].device.type != "cpu"):
+        return f"needs a contiguous fp16 KV cache on CPU (this one is {cache.dtype})"
     return None
 
 
 class FastDecoder:
-    """step(tokens, positions) -> logits [M, V]: token i at positions[i] of cache row row0 + i (earlier positions
-    of each row already cached), equal to model.forward of the same step up to float summation order. Built
-    after setup_cache; holds raw pointers into the model's weights and cache, so rebuild it when either is
+    """step(tokens, positions, rows) -> logits [M, V]: token i at positions[i] of cache row rows[i] (earlier
+    positions of each row already cached), equal to model.forward of the same step up to float summation order.
+    Holds raw pointers into the model's weights and the cache's tensors, so rebuild it when the weights are
     replaced (valid() tells)."""
 
-    def __init__(self, model: GLM):
-        reason = why_not(model)
+    def __init__(self, model: GLM, cache: KVCache):
+        reason = why_not(model, cache)
         if reason:
             raise ValueError(f"fast decode unavailable: {reason}")
-        from . import kernels
+        from .. import kernels
         self.ext = kernels._extension()
-        self.model = model
+        self.model, self.cache = model, cache
         cfg = model.config
         self.C, self.H, self.G, self.D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.R, self.F, self.eps = cfg.rope_dim, cfg.ffn_hidden_size, float(cfg.norm_eps)
         self.interleaved = int(bool(cfg.rope_interleaved))
-        self.rows, self.max_seq = model.cache_batch, model.cache_len
+        self.rows, self.max_seq = cache.slots, cache.max_seq
         B = self.rows
 
         def buf(n):
@@ -81,17 +83,16 @@ class FastDecoder:
         self.cos, self.sin = model.rope_table("cpu")
         self.half = self.cos.shape[1]
         self.layers = []
-        for layer in model.layers:
-            c = layer.attn.cache
+        for layer, k, v in zip(model.layers, cache.k, cache.v):
             self.layers.append((
                 layer.attn_norm.weight.detach().contiguous(), self._gemm_args(layer.attn.qkv),
                 self._gemm_args(layer.attn.out), layer.ffn_norm.weight.detach().contiguous(),
-                self._gemm_args(layer.mlp.up), self._gemm_args(layer.mlp.down), c.k, c.v))
+                self._gemm_args(layer.mlp.up), self._gemm_args(layer.mlp.down), k, v))
         self.norm_w = model.norm.weight.detach().contiguous()
 
     @staticmethod
     def _gemm_args(mod: QuantLinear):
-        from . import kernels
+        from .. import kernels
         p = mod._packed
         _, soff = kernels._layout(mod.bits, mod.out_features, mod.in_features, mod.group)
         bias = 0 if mod.bias is None else mod.bias.data_ptr()
@@ -99,21 +100,18 @@ class FastDecoder:
                 p, mod.bias)                                   # the last two keep the tensors alive
 
     def valid(self) -> bool:
-        """Still pointing at the model's current cache and packed weights."""
-        m = self.model
-        if m.cache_len != self.max_seq or m.cache_batch != self.rows:
-            return False
-        for (_, qkv, _, _, _, _, k, v), layer in zip(self.layers, m.layers):
-            c = layer.attn.cache
-            if c is None or c.k is not k or c.v is not v or layer.attn.qkv._packed is not qkv[7]:
-                return False
-        return True
+        """Still pointing at the model's packed weights (the cache's tensors never change)."""
+        return all(layer.attn.qkv._packed is qkv[7] and layer.mlp.down._packed is dg[7]
+                   for (_, qkv, _, _, _, dg, _, _), layer in zip(self.layers, self.model.layers))
 
     @torch.inference_mode()
-    def step(self, tokens: Sequence[int], positions: Sequence[int], row0: int = 0) -> torch.Tensor:
+    def step(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
         M = len(tokens)
-        if M < 1 or len(positions) != M or row0 < 0 or row0 + M > self.rows:
-            raise ValueError(f"{M} tokens at {len(positions)} positions into cache rows {row0}.. of {self.rows}")
+        if M < 1 or len(positions) != M or len(rows) != M or M > self.rows:
+            raise ValueError(f"{M} tokens at {len(positions)} positions in {len(rows)} cache rows "
+                             f"(at most {self.rows})")
+        if len(set(rows)) != M or not all(0 <= r < self.rows for r in rows):
+            raise ValueError(f"cache rows {list(rows)}: each must be distinct and in [0, {self.rows})")
         for p in positions:
             if not 0 <= p < self.max_seq:
                 raise ValueError(f"position {p} outside the cache of {self.max_seq}")
@@ -125,14 +123,15 @@ class FastDecoder:
         xp, hp, qp, yp, ap, mp, up, gp = (t.data_ptr() for t in (x, h, qkv, y, a, mm, u, g))
         # per row: its rotary row, its cache row (fp16 [G, max_seq, D]), its slices of qkv and y
         qkv_n, row_bytes = qkv.shape[1] * 4, 2 * G * self.max_seq * D
-        rows = [(self.cos.data_ptr() + 4 * p * self.half, self.sin.data_ptr() + 4 * p * self.half,
-                 (row0 + i) * row_bytes, qp + i * qkv_n, yp + i * H * D * 4, p) for i, p in enumerate(positions)]
+        per_row = [(self.cos.data_ptr() + 4 * p * self.half, self.sin.data_ptr() + 4 * p * self.half,
+                    r * row_bytes, qp + i * qkv_n, yp + i * H * D * 4, p)
+                   for i, (p, r) in enumerate(zip(positions, rows))]
         stride, gemm, attend = self.max_seq * D, ext.gemm, ext.attend
         for i, (w1, qg, og, w2, ug, dg, kc, vc) in enumerate(self.layers):
             ext.rmsnorm(xp, mp if i else 0, w1.data_ptr(), hp, M, C, self.eps)
             gemm(qg[0], hp, qg[1], qg[2], qg[3], qp, M, qg[4], qg[5], qg[6])
             kp, vp = kc.data_ptr(), vc.data_ptr()
-            for cos_p, sin_p, off, q_i, y_i, p in rows:
+            for cos_p, sin_p, off, q_i, y_i, p in per_row:
                 attend(q_i, cos_p, sin_p, kp + off, vp + off, y_i, H, G, D, self.R, self.interleaved, p, p + 1,
                        stride)
             gemm(og[0], yp, og[1], og[2], og[3], ap, M, og[4], og[5], og[6])
@@ -144,9 +143,9 @@ class FastDecoder:
         return model.output(h)
 
 
-def fast_decoder(model: GLM, current: Optional[FastDecoder] = None) -> Optional[FastDecoder]:
-    """The fused decode path for the model's current cache (`current`, while still valid), or None where the
-    model runs model.forward (why_not says why)."""
-    if current is not None and current.valid():
+def fast_decoder(model: GLM, cache: KVCache, current: Optional[FastDecoder] = None) -> Optional[FastDecoder]:
+    """The fused decode path over `cache` (`current`, while still valid), or None where the model runs
+    model.forward (why_not says why)."""
+    if current is not None and current.cache is cache and current.valid():
         return current
-    return FastDecoder(model) if why_not(model) is None else None
+    return FastDecoder(model, cache) if why_not(model, cache) is None else None

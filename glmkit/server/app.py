@@ -1,8 +1,9 @@
 """The HTTP edge: OpenAI-compatible routes, ChatGLM's legacy route, metrics and the web chat page.
 
-Handlers parse and validate the request, render the chat template and tokenize, then hand the worker
-(engine.py) an EngineRequest; its token ids come back through an asyncio queue and become text here
-(ResponseParser: content + tool calls; StopStringFilter: `stop`). The model is touched by the worker only.
+Handlers parse and validate the request, render the chat template and tokenize, then hand the engine
+(glmkit/engine, many slots, its own worker thread) a Sequence; its token ids come back through an asyncio queue
+and become text here (ResponseParser: content + tool calls; StopStringFilter: `stop`). The model is touched by
+the engine's thread only.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat_format import ChatFormatError, Prompt
-from ..pipeline import AnswerText, Pipeline
+from ..chat_format import ChatFormatError, Prompt, render_within
+from ..engine import Engine, QueueFull, Sequence
+from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
 from ..sampling import SamplingParams
 from . import schemas
-from .engine import Engine, EngineRequest, QueueFull
 from .metrics import Metrics
 from .schemas import APIError
 
@@ -39,6 +40,9 @@ class ServerSettings:
     request_timeout: float = 600.0          # seconds from arrival; then the answer ends with "length"
     max_body_bytes: int = 4 << 20
     retry_after: int = 2                    # seconds, in 429 answers
+    cache_mb: Optional[float] = None        # prefix cache budget (None: the engine's default; 0: off)
+    prefill_chunk: Optional[int] = None     # prompt tokens per prefill step (None: the engine's default)
+    trim_history: bool = False              # drop the oldest turns of a chat that does not fit (else 400)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -95,27 +99,13 @@ class _Edge:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Logprobs: worker (id, logprob) pairs -> OpenAI entries
-# ------------------------------------------------------------------------------------------------------------
-
-def _lp_entry(tok, token_id: int, lp) -> dict:
-    def one(i, v):
-        t = tok.decode([i], skip_special_tokens=False)
-        return {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
-    chosen, alts = lp
-    d = one(token_id, chosen)
-    d["top_logprobs"] = [one(i, v) for i, v in alts]
-    return d
-
-
-# ------------------------------------------------------------------------------------------------------------
 # The app
 # ------------------------------------------------------------------------------------------------------------
 
 def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = Metrics()
-    engine = Engine(pipe.model, pipe.ctx, parallel=settings.parallel, max_queue=settings.max_queue,
-                    on_step=metrics.step)
+    engine = Engine(pipe.model, pipe.ctx, slots=settings.parallel, max_queue=settings.max_queue,
+                    cache_mb=settings.cache_mb, prefill_chunk=settings.prefill_chunk)
     tok, fmt = pipe.tokenizer, pipe.chat_format
     started = int(time.time())
 
@@ -188,15 +178,15 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                                 f"(at least one position is needed for the answer)", param=param,
                            code="context_length_exceeded")
 
-    def submit(ids, params, constraint=None, logprobs=None) -> tuple[EngineRequest, asyncio.Queue]:
+    def submit(ids, params, constraint=None, logprobs=None) -> tuple[Sequence, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
         def emit(ev):
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
-        ereq = EngineRequest(ids, params, fmt.stop_ids, emit, constraint=constraint, logprobs=logprobs,
-                             deadline=time.monotonic() + settings.request_timeout)
+        ereq = Sequence(ids, params, fmt.stop_ids, emit, constraint=constraint, logprobs=logprobs,
+                        deadline=time.monotonic() + settings.request_timeout)
         try:
             engine.submit(ereq)
         except QueueFull as e:
@@ -204,7 +194,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                            headers={"Retry-After": str(settings.retry_after)}) from None
         return ereq, q
 
-    async def run(request: Request, ereq: EngineRequest, q: asyncio.Queue, ans: AnswerText,
+    async def run(request: Request, ereq: Sequence, q: asyncio.Queue, ans: AnswerText,
                   watch_disconnect: bool) -> AsyncIterator[tuple]:
         """Worker events -> ("text", piece, [logprob entries]) / ("tool", event) / ("end", reason) items."""
         pending_lp: list = []
@@ -224,7 +214,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 if ev[0] == "token":
                     _, tid, lp = ev
                     if lp is not None:
-                        pending_lp.append(_lp_entry(tok, tid, lp))
+                        pending_lp.append(logprob_entry(tok, tid, *lp))
                     piece = ans.feed(tid)             # '' after a stop string (tokens before the cancel lands)
                     for e in ans.tool_events():
                         yield ("tool", e)
@@ -255,7 +245,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             if ereq.finished or ereq.stats.new_tokens:
                 metrics.finished(ereq.stats)
 
-    async def collect(request: Request, ereq: EngineRequest, q: asyncio.Queue,
+    async def collect(request: Request, ereq: Sequence, q: asyncio.Queue,
                       ans: AnswerText) -> tuple[str, list, str]:
         """A non-streaming answer: (text, logprob entries, finish_reason); a client that hangs up cancels it."""
         text, lps, reason = [], [], "stop"
@@ -268,7 +258,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 lps += item[2]
         return "".join(text), lps, reason
 
-    def event_stream(chunks: AsyncIterator[str], ereq: EngineRequest, usage_chunk) -> StreamingResponse:
+    def event_stream(chunks: AsyncIterator[str], ereq: Sequence, usage_chunk) -> StreamingResponse:
         """SSE answer: the route's chunks, then (include_usage) the usage chunk, then [DONE]; an inference
         error mid-stream becomes an error chunk."""
         async def body():
@@ -276,16 +266,12 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 async for c in chunks:
                     yield c
                 if usage_chunk is not None:
-                    yield sse({**usage_chunk, "usage": usage(ereq.stats)})
+                    yield sse({**usage_chunk, "usage": usage_of(ereq.stats)})
             except APIError as e:
                 yield sse(e.body())
             yield "data: [DONE]\n\n"
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def usage(st) -> dict:
-        return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.new_tokens,
-                "total_tokens": st.prompt_tokens + st.new_tokens}
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -310,8 +296,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(engine.queue_depth, engine.active_count, settings.parallel),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(engine, settings.parallel), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse)
     async def web_page():
@@ -338,13 +323,21 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             tool_choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
         messages = [m.model_dump(exclude_none=True) for m in r.messages]
         try:
-            prompt = fmt.render(messages, tools=tools, tool_choice=tool_choice)
+            if settings.trim_history:               # as the Pipeline: drop the oldest turns that do not fit
+                prompt = render_within(fmt, messages, pipe.prompt_budget(params), tools=tools,
+                                       tool_choice=tool_choice)
+            else:
+                prompt = fmt.render(messages, tools=tools, tool_choice=tool_choice)
         except ChatFormatError as e:
             msg = str(e)
             param = "tools" if msg.startswith("tools") else "tool_choice" if "tool_choice" in msg else "messages"
-            raise APIError(400, msg, param=param, code="invalid_value") from None
+            code = "context_length_exceeded" if "context window" in msg else "invalid_value"
+            raise APIError(400, msg, param=param, code=code) from None
         check_length(len(prompt.ids))
-        constraint = _constraint(pipe, r.response_format, prompt, params)
+        try:
+            constraint = pipe.constraint_for(r.response_format, prompt, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format", code="invalid_value") from None
         k = (r.top_logprobs or 0) if r.logprobs else None
         ereq, q = submit(prompt.ids, params, constraint, k)
         ans = AnswerText(tok, prompt, params.stop)
@@ -381,7 +374,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         return {"id": cid, "object": "chat.completion", "created": created, "model": settings.model_id,
                 "choices": [{"index": 0, "message": msg, "logprobs": {"content": lps} if k is not None else None,
                              "finish_reason": reason}],
-                "usage": usage(ereq.stats)}
+                "usage": usage_of(ereq.stats)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -447,7 +440,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         out = (prompt_text if r.echo else "") + text
         return {"id": cid, "object": "text_completion", "created": created, "model": settings.model_id,
                 "choices": [{"index": 0, "text": out, "logprobs": lp_block(entries), "finish_reason": reason}],
-                "usage": usage(ereq.stats)}
+                "usage": usage_of(ereq.stats)}
 
     @app.post("/")
     async def legacy_chatglm(request: Request):
@@ -493,19 +486,3 @@ def _tool_delta(ev) -> dict:
         return {"index": idx, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}}
     _, idx, text = ev
     return {"index": idx, "function": {"arguments": text}}
-
-
-def _constraint(pipe: Pipeline, response_format, prompt: Prompt, params: SamplingParams):
-    """JSON mode and forced tool calls decode under a grammar, so the output parses whatever the model is."""
-    kind = (response_format or {}).get("type", "text") if isinstance(response_format, dict) else None
-    if response_format is not None and kind not in ("text", "json_object"):
-        raise APIError(400, f"response_format type {kind!r} is not supported (use 'text' or 'json_object')",
-                       param="response_format", code="invalid_value")
-    if kind != "json_object" and not prompt.forced_tool:
-        return None
-    from .. import constrain
-    budget = params.max_new_tokens
-    tok = pipe.tokenizer
-    if prompt.forced_tool and pipe.chat_format.family == "chatglm3":
-        return constrain.chatglm3_call_constraint(tok, pipe.chat_format.stop_ids, max_tokens=budget)
-    return constrain.json_object_constraint(tok, pipe.chat_format.stop_ids, max_tokens=budget)

@@ -36,8 +36,6 @@ class Metrics:
         self.completion_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.decode_tps = Histogram(TPS_BUCKETS)    # per request
-        self.step_tokens = 0
-        self.step_seconds = 0.0
 
     def request(self, endpoint: str, status: int):
         with self.lock:
@@ -52,12 +50,9 @@ class Metrics:
             if stats.decode_tps:
                 self.decode_tps.observe(stats.decode_tps)
 
-    def step(self, tokens: int, seconds: float):
-        with self.lock:
-            self.step_tokens += tokens
-            self.step_seconds += seconds
-
-    def render(self, queue_depth: int, active: int, parallel: int) -> str:
+    def render(self, engine, parallel: int) -> str:
+        """Prometheus text: this object's request counters and the engine's (glmkit.engine) own statistics."""
+        queue_depth, active, es = engine.queue_depth, engine.active_count, engine.stats
         with self.lock:
             L = ["# HELP glmkit_requests_total HTTP requests by endpoint and status.",
                  "# TYPE glmkit_requests_total counter"]
@@ -80,7 +75,31 @@ class Metrics:
             L += ["# HELP glmkit_request_decode_tokens_per_second Decode speed of each finished request.",
                   "# TYPE glmkit_request_decode_tokens_per_second histogram"]
             L += self.decode_tps.lines("glmkit_request_decode_tokens_per_second")
-            tps = self.step_tokens / self.step_seconds if self.step_seconds else 0.0
-            L += ["# HELP glmkit_decode_tokens_per_second Aggregate decode throughput over all batched steps.",
-                  "# TYPE glmkit_decode_tokens_per_second gauge", f"glmkit_decode_tokens_per_second {tps:.3f}"]
-            return "\n".join(L) + "\n"
+        tps = es.step_tokens / es.step_seconds if es.step_seconds else 0.0
+        L += ["# HELP glmkit_decode_tokens_per_second Aggregate decode throughput over all batched steps.",
+              "# TYPE glmkit_decode_tokens_per_second gauge", f"glmkit_decode_tokens_per_second {tps:.3f}"]
+        L += _summary("glmkit_decode_step_seconds", "Seconds per decode step (all decoding rows together).",
+                      es.step_seconds, es.steps, es.step_max)
+        L += _summary("glmkit_prefill_chunk_seconds", "Seconds per prefill chunk (between decode steps).",
+                      es.chunk_seconds, es.chunks, es.chunk_max)
+        L += ["# HELP glmkit_prefill_chunk_tokens Prompt tokens per prefill chunk (--prefill-chunk).",
+              "# TYPE glmkit_prefill_chunk_tokens gauge", f"glmkit_prefill_chunk_tokens {engine.prefill_chunk}",
+              "# HELP glmkit_prompt_tokens_cached_total Prompt tokens whose keys/values were reused.",
+              "# TYPE glmkit_prompt_tokens_cached_total counter", f"glmkit_prompt_tokens_cached_total {es.cached_tokens}",
+              "# HELP glmkit_prefix_cache_hit_rate Share of prompt tokens reused from a cache (slot or prefix cache).",
+              "# TYPE glmkit_prefix_cache_hit_rate gauge", f"glmkit_prefix_cache_hit_rate {es.hit_rate:.4f}"]
+        pc = engine.prefix
+        if pc is not None:
+            L += ["# HELP glmkit_prefix_cache_bytes Memory held by the prefix cache (--cache-mb is its limit).",
+                  "# TYPE glmkit_prefix_cache_bytes gauge", f"glmkit_prefix_cache_bytes {pc.bytes}",
+                  "# HELP glmkit_prefix_cache_blocks Blocks in the prefix cache.",
+                  "# TYPE glmkit_prefix_cache_blocks gauge", f"glmkit_prefix_cache_blocks {len(pc)}",
+                  "# HELP glmkit_prefix_cache_evictions_total Blocks evicted (least recently used first).",
+                  "# TYPE glmkit_prefix_cache_evictions_total counter",
+                  f"glmkit_prefix_cache_evictions_total {pc.evictions}"]
+        return "\n".join(L) + "\n"
+
+
+def _summary(name: str, help_text: str, total: float, count: int, peak: float) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} summary", f"{name}_sum {total:.6f}",
+            f"{name}_count {count}", f"# TYPE {name}_max gauge", f"{name}_max {peak:.6f}"]

@@ -1,0 +1,104 @@
+"""The step function: every forward the engine makes goes through Stepper, whichever path runs it.
+
+    decode(seqs)          one token of each decoding sequence, each at its own position in its own cache slot
+                          -> logits [n, V]: the fused step (fast_decode.py) for quantized GLM2+ on CPU, else one
+                          model.forward over the slot range that holds them (rows in that range that are not
+                          decoding get a dummy token written at the cache's scratch position max_seq - 1)
+    prefill(seq, chunk)   the next piece of a prompt: `chunk` tokens through all layers, or -- for ChatGLM-6B's
+                          bidirectional context, where every position depends on all the others and a token
+                          chunk would change the result -- the whole context through chunk * layers / context
+                          layers (at least one), holding the hidden states in between. -> the last logits [V]
+                          once the prompt is read, else None.
+Both write keys/values into the engine's KVCache; neither knows about scheduling.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..model import GLM, SeqState
+from .cache import KVCache
+from .fast_decode import FastDecoder, fast_decoder, why_not
+
+
+class Prefill:
+    """Where the reading of one prompt stands."""
+
+    def __init__(self, ids: torch.Tensor, state: SeqState, ctx_len: int, start: int):
+        self.ids = ids                  # [1, n] the prompt
+        self.state = state              # its SeqState (ChatGLM-6B positions and context)
+        self.ctx_len = ctx_len          # bidirectional context length (0 for causal models)
+        self.next = start               # first position not yet computed
+        self.begun = False              # the engine has looked for a reusable prefix
+        self.hidden: Optional[torch.Tensor] = None     # context phase: [1, ctx, C] after self.layer layers
+        self.inputs = None              # context phase: (rope, mask, cache_pos) of the context
+        self.layer = 0
+
+
+class Stepper:
+    def __init__(self, model: GLM, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.fast: Optional[FastDecoder] = fast_decoder(model, cache)
+
+    @property
+    def decode_path(self) -> str:
+        return "fused" if self.fast is not None else f"model.forward ({why_not(self.model, self.cache)})"
+
+    # --- decode ----------------------------------------------------------------------------------------------
+    def decode(self, seqs) -> torch.Tensor:
+        """seqs: Sequences with .slot, .pos, .next_tok (and .state for ChatGLM-6B) -> logits [len(seqs), V]."""
+        if self.fast is not None:
+            self.fast = fast_decoder(self.model, self.cache, self.fast)
+        if self.fast is not None:
+            return self.fast.step([s.next_tok for s in seqs], [s.pos for s in seqs], [s.slot for s in seqs])
+        model, dev = self.model, self.model.device
+        lo = min(s.slot for s in seqs)
+        B = max(s.slot for s in seqs) + 1 - lo
+        ids = torch.zeros(B, 1, dtype=torch.long)
+        pos = torch.full((B, 1), self.cache.max_seq - 1, dtype=torch.long)       # scratch for idle rows
+        for s in seqs:
+            ids[s.slot - lo, 0], pos[s.slot - lo, 0] = s.next_tok, s.pos
+        state = None
+        cfg = model.config
+        if cfg.rope_2d or cfg.prefix_lm:
+            ctx, mpos = torch.zeros(B, dtype=torch.long), torch.full((B,), -1, dtype=torch.long)
+            for s in seqs:
+                ctx[s.slot - lo], mpos[s.slot - lo] = int(s.state.ctx_len[0]), int(s.state.mask_pos[0])
+            state = SeqState(ctx.to(dev), mpos.to(dev))
+        kv_len = max(s.pos for s in seqs) + 1
+        logits = model(ids.to(dev), self.cache, cache_pos=pos.to(dev), kv_len=kv_len, row0=lo, state=state)
+        return logits[torch.tensor([s.slot - lo for s in seqs], device=dev), -1]
+
+    # --- prefill ---------------------------------------------------------------------------------------------
+    def prefill(self, seq, chunk: int) -> Optional[torch.Tensor]:
+        pf: Prefill = seq.prefill
+        n = pf.ids.shape[1]
+        if pf.hidden is not None or (pf.next < pf.ctx_len and n - pf.next > chunk):
+            return self._context_layers(seq, chunk)
+        s, e = pf.next, min(pf.next + chunk, n)
+        if s < pf.ctx_len:                # a bidirectional context is read whole: the rest fits this chunk
+            e = n
+        pos = torch.arange(s, e, device=pf.ids.device)[None]
+        logits = self.model(pf.ids[:, s:e], self.cache, cache_pos=pos, kv_len=e, row0=seq.slot, state=pf.state,
+                            last_only=True)
+        pf.next = seq.pos = e
+        return logits[0, -1] if e == n else None
+
+    def _context_layers(self, seq, chunk: int) -> Optional[torch.Tensor]:
+        """A layer range of a ChatGLM-6B context too long for one chunk (positions [0, ctx) of every layer)."""
+        model, pf = self.model, seq.prefill
+        T, L = pf.ctx_len, model.config.num_layers
+        if pf.hidden is None:
+            ids = pf.ids[:, :T]
+            pf.inputs = model.attention_inputs(ids, torch.arange(T, device=ids.device)[None], T, pf.state)
+            pf.hidden, pf.layer = model.embed(ids), 0
+        stop = min(L, pf.layer + max(1, chunk * L // T))
+        rope, mask, cpos = pf.inputs
+        pf.hidden = model.blocks(pf.hidden, rope, mask, self.cache, cpos, T, seq.slot, pf.layer, stop)
+        pf.layer = stop
+        if stop < L:
+            return None
+        pf.next = seq.pos = T
+        x, pf.hidden, pf.inputs = pf.hidden, None, None
+        return model.head(x[:, -1:])[0, -1] if T == pf.ids.shape[1] else None
