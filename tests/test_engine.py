@@ -74,6 +74,8 @@ def test_same_greedy_tokens_with_one_slot_eight_slots_cache_hit_and_miss_chunked
         assert got == want, (chunk, mb)
         if mb == 0:
             assert all(s.stats.reused_tokens == 0 for s in seqs)
+        else:                                         # running at once: copied from the slot that read it
+            assert eng.stats.from_slots > 0
         # a second wave: every prompt now finds its keys/values cached (in its slot or the prefix cache)
         again, seqs = run_all(eng, prompts)
         assert again == want

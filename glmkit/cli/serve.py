@@ -36,7 +36,7 @@ def add_arguments(p):
                    help="the model id clients send (default: the model folder's name)")
     g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prompt tokens read per step between decode steps, so running streams wait at most one "
-                        "chunk for their next token (default: 128 for quantized models, 512 otherwise)")
+                        "chunk for their next token (default 32 on CPU, 512 on a GPU; see README)")
     g.add_argument("--trim-history", action="store_true",
                    help="drop the oldest turns of a chat that does not fit the context, as `glmkit chat` does "
                         "(default: answer HTTP 400 context_length_exceeded, as OpenAI)")

@@ -73,6 +73,12 @@ class KVCache:
         return torch.stack([torch.stack((k[row, :, start:stop], v[row, :, start:stop]))
                             for k, v in zip(self.k, self.v)])
 
+    def copy(self, src: int, dst: int, start: int, stop: int):
+        """Positions [start, stop) of row src into row dst."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, start:stop] = k[src, :, start:stop]
+            v[dst, :, start:stop] = v[src, :, start:stop]
+
     def write(self, row: int, start: int, block: torch.Tensor):
         """The inverse of read(): block [layers, 2, G, n, D] into positions [start, start + n) of `row`."""
         n = block.shape[3]

@@ -6,10 +6,11 @@ One iteration, step():
     1. admit waiting sequences into free slots (first come, first served), each into the free slot whose
        previous content shares the longest prefix with its prompt;
     2. prefill one chunk of the oldest sequence still reading its prompt: at its first chunk it takes the
-       longest prefix it can reuse -- what its slot still holds, or blocks of the prefix cache copied in --
-       and when its prompt is read it samples its first token and publishes its prompt to the prefix cache;
+       longest prefix it can reuse -- what its own slot still holds, what another slot holds (a sequence
+       running there, or one that ran there), or blocks of the prefix cache -- copied into its slot; what its
+       slot held beyond that is saved to the prefix cache first (the prefix cache keeps what leaves the slots);
     3. one decode step for every sequence past its prompt, all rows together;
-    4. finished, cancelled and timed-out sequences leave; what their slot holds is published too.
+    4. finished, cancelled and timed-out sequences leave; their slot keeps their keys/values for the next one.
 So a decoding stream waits at most one prefill chunk plus one step for its next token, whoever joins.
 
 Two drivers: the server calls start() (a worker thread owns the model and loops step()) and submit(); the
@@ -40,13 +41,21 @@ log = logging.getLogger("glmkit.engine")
 
 DEFAULT_CACHE_MB = 1024          # prefix cache budget unless --cache-mb says otherwise
 PREFIX_BLOCK = 16                # tokens per prefix-cache block
+SAVE_MIN = 4                     # a slot's leftover shorter than this is not saved (a chat's next turn often
+                                 # differs from the last one's tokens only in its last few: the same answer
+                                 # text tokenized again), so a one-slot chat does not copy its history each turn
 
 
 def default_prefill_chunk(model: GLM) -> int:
-    """Prompt tokens per prefill step. Quantized models take 128: their matrix multiplies run 256 rows at a time
-    in the kernels anyway, and the activations of 512 tokens (0.2 GB for ChatGLM3-6B's MLP) would be most of
-    what a 4 GB budget leaves after the weights."""
-    return 128 if model.config.quantization else 512
+    """Prompt tokens per prefill step: 32 on CPU, 512 elsewhere.
+
+    Measured (benchmarks/prefill_chunk.py, ChatGLM3-6B INT4, 2 threads, AMD EPYC Zen3 AVX2, a 512-token prompt
+    joining 7 decoding rows): chunk 8 / 16 / 32 / 64 / 128 / 256 read the prompt at 19.5 / 23.2 / 24.3 / 21.9 /
+    22.6 / 18.9 tok/s with 0.40 / 0.68 / 1.32 / 2.74 / 5.56 / 13.58 s per chunk. From 16 tokens on the GEMMs are
+    compute-bound and bigger chunks read no faster, while every decoding stream waits a whole chunk for its next
+    token: 32 reads fastest and keeps that wait near 1.3 s (+0.3 s for the step). On a GPU a step of 512 tokens
+    costs little more than one of 32 (not measured here: no GPU), so the usual 512 is kept there."""
+    return 32 if model.device.type == "cpu" else 512
 
 
 class QueueFull(RuntimeError):
@@ -66,7 +75,8 @@ class EngineStats:
     chunk_max: float = 0.0
     prompts: int = 0                  # sequences that began reading their prompt
     prompt_tokens: int = 0            # their prompt tokens
-    cached_tokens: int = 0            # of which reused (slot or prefix cache)
+    cached_tokens: int = 0            # of which reused (from a slot or the prefix cache)
+    from_slots: int = 0               # of which copied from another slot
     from_prefix_cache: int = 0        # of which copied in from the prefix cache
 
     @property
@@ -260,8 +270,9 @@ class Engine:
 
     def _place(self, seq: Sequence):
         free = [i for i, o in enumerate(self.owner) if o is None]
-        if self.reuse:                                  # the free slot whose content gives the most
-            seq.slot = max(free, key=lambda i: len(self._reusable(seq, *self.resident[i])))
+        if self.reuse:        # the free slot whose content gives the most; else the one holding the least
+            seq.slot = max(free, key=lambda i: (len(self._reusable(seq, *self.resident[i])),
+                                                -len(self.resident[i][1])))
         else:
             seq.slot = free[0]
         self.owner[seq.slot] = seq
@@ -302,19 +313,33 @@ class Engine:
         n = min(n, len(seq.prompt) - 1)
         return seq.prompt[:n] if n >= self._ctx_len(seq) else []
 
+    def _content(self, i: int) -> tuple:
+        """(tag, ids) whose keys/values slot i holds at positions 0..: its sequence's so far, or its last one's."""
+        s = self.owner[i]
+        return (self._tag(s), s.ids[:s.pos]) if s is not None else self.resident[i]
+
     def _begin(self, seq: Sequence):
-        """At the first chunk: take the longest reusable prefix from the slot or the prefix cache."""
+        """At the first chunk: take the longest reusable prefix from the slots or the prefix cache."""
         n = 0
         if self.reuse:
-            tag, held = self.resident[seq.slot]
-            n = len(self._reusable(seq, tag, held))
+            slot = seq.slot
+            tag, held = self.resident[slot]
+            n = len(self._reusable(seq, tag, held))                       # what the slot itself still holds
+            others = [(len(self._reusable(seq, *self._content(i))), i) for i in range(self.slots) if i != slot]
+            k, src = max(others, default=(0, None))
             chain, m = self.prefix.match(seq.prompt, head=self._ctx_len(seq) or None, tag=self._tag(seq))
             m = len(self._reusable(seq, self._tag(seq), seq.prompt[:m]))
-            if m > n:                                   # copy in what the slot does not hold already
+            if len(held) - n >= SAVE_MIN:               # what the slot held beyond n is about to be overwritten
+                self._save(slot, tag, held)
+            if k > n:                                   # another slot holds more: copy its rows
+                self.cache.copy(src, slot, n, k)
+                self.stats.from_slots += k - n
+                n = k
+            if m > n:                                   # the prefix cache holds more still
                 for node in chain:
                     a, b = max(node.start, n), min(node.stop, m)
                     if a < b:
-                        self.cache.write(seq.slot, a, node.kv_of(a, b))
+                        self.cache.write(slot, a, node.kv_of(a, b))
                 self.stats.from_prefix_cache += m - n
                 n = m
         self.resident[seq.slot] = (None, [])            # the slot is being overwritten from n on
@@ -325,12 +350,11 @@ class Engine:
         self.stats.prompt_tokens += len(seq.prompt)
         self.stats.cached_tokens += n
 
-    def _publish(self, seq: Sequence):
-        """Offer the slot's computed positions of seq to the prefix cache."""
-        if seq.pos and self.prefix.enabled:
-            slot = seq.slot
-            self.prefix.insert(seq.ids, seq.pos, lambda a, b: self.cache.read(slot, a, b),
-                               head=self._ctx_len(seq) or None, tag=self._tag(seq))
+    def _save(self, slot: int, tag, ids: list):
+        """Keep what slot holds (tag, ids) in the prefix cache before it is overwritten."""
+        if ids and self.prefix.enabled:
+            head = tag[0] if isinstance(tag, tuple) and tag[0] else None       # a prefix LM's context
+            self.prefix.insert(ids, len(ids), lambda a, b: self.cache.read(slot, a, b), head=head, tag=tag)
 
     # --- prefill and decode ------------------------------------------------------------------------------------
     def _prefill_chunk(self, seq: Sequence):
@@ -347,7 +371,6 @@ class Engine:
         st.chunk_max = max(st.chunk_max, dt)
         if logits is not None:
             seq.prefill = None
-            self._publish(seq)
             self._pick(seq, logits)
 
     def _decode(self, seqs: list[Sequence]):
@@ -436,7 +459,6 @@ class Engine:
         if seq.finished == "error":                      # what the failed step wrote is unknown
             self.resident[seq.slot] = (None, [])
         elif pf is None or (pf.begun and pf.hidden is None):     # (a half-done context phase holds nothing)
-            self._publish(seq)
             self.resident[seq.slot] = (self._tag(seq), seq.ids[:seq.pos])
         self.owner[seq.slot] = None
         self.running.remove(seq)
