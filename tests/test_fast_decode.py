@@ -258,3 +258,27 @@ def test_server_engine_batches_through_it(monkeypatch):
     want, eng2 = _engine_tokens(_model(8, seed=11), prompts, 24)
     assert eng2.stepper.fast is None
     assert got == want and all(len(t) == 24 for t in got)
+
+
+def test_step_with_a_prompt_chunk_beside_decode_rows():
+    """A row taking several consecutive positions in one step (a prompt chunk riding in a decode step) equals
+    model.forward of that chunk, and the decoding row beside it its own one-token step."""
+    (ref, rc), (fused, fc) = _pair(_model(4), 3, 96)
+    fd = FastDecoder(fused, fc)
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randint(0, 320, (1, 12), generator=g), torch.randint(0, 320, (1, 20), generator=g)
+    with torch.inference_mode():
+        for m, c in ((ref, rc), (fused, fc)):
+            m(a, c, cache_pos=torch.arange(12)[None], kv_len=12, row0=0)       # row 0 decodes at 12
+            m(b[:, :8], c, cache_pos=torch.arange(8)[None], kv_len=8, row0=2)  # row 2 has read 8 tokens
+        want_dec = ref(torch.tensor([[7]]), rc, cache_pos=torch.tensor([[12]]), kv_len=13, row0=0)[:, -1]
+        want_chunk = ref(b[:, 8:20], rc, cache_pos=torch.arange(8, 20)[None], kv_len=20, row0=2)[0]
+        got = fd.step([7] + b[0, 8:20].tolist(), [12] + list(range(8, 20)), [0] + [2] * 12,
+                      logits_for=[0, 12])
+    torch.testing.assert_close(got[0], want_dec[0], rtol=1e-4, atol=2e-2)     # activation-quantization noise
+    torch.testing.assert_close(got[1], want_chunk[-1], rtol=1e-4, atol=2e-2)
+    assert (got[1] - want_chunk[-1]).abs().mean() < 2e-3
+    for ka, kb in zip(rc.k, fc.k):
+        torch.testing.assert_close(ka[2, :, :20].float(), kb[2, :, :20].float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="consecutive"):
+        fd.step([1, 2], [30, 32], [1, 1])

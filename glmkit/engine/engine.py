@@ -246,11 +246,17 @@ class Engine:
                 self._admit()
                 self.sweep()
                 reading = next((s for s in self.running if s.prefill is not None), None)
-                if reading is not None:
-                    self._prefill_chunk(reading)
                 decoding = [s for s in self.running if s.decoding]
-                if decoding:
-                    self._decode(decoding)
+                if reading is not None and not reading.prefill.begun:
+                    self._begin(reading)
+                if reading is not None and self.stepper.can_merge(reading):
+                    self._prefill_and_decode(reading, decoding)    # one step on the fused path
+                else:
+                    if reading is not None:
+                        self._prefill_chunk(reading)
+                    decoding = [s for s in self.running if s.decoding]
+                    if decoding:
+                        self._decode(decoding)
                 self.sweep()
         except Exception as e:                          # noqa: BLE001 - reported to every sequence in flight
             log.exception("inference step failed")
@@ -314,9 +320,12 @@ class Engine:
         return seq.prompt[:n] if n >= self._ctx_len(seq) else []
 
     def _content(self, i: int) -> tuple:
-        """(tag, ids) whose keys/values slot i holds at positions 0..: its sequence's so far, or its last one's."""
+        """(tag, ids) whose keys/values slot i holds at positions 0..: its sequence's so far, or (until that one
+        starts reading its prompt) its last one's."""
         s = self.owner[i]
-        return (self._tag(s), s.ids[:s.pos]) if s is not None else self.resident[i]
+        if s is None or (s.prefill is not None and not s.prefill.begun):
+            return self.resident[i]
+        return self._tag(s), s.ids[:s.pos]
 
     def _begin(self, seq: Sequence):
         """At the first chunk: take the longest reusable prefix from the slots or the prefix cache."""
@@ -358,24 +367,41 @@ class Engine:
 
     # --- prefill and decode ------------------------------------------------------------------------------------
     def _prefill_chunk(self, seq: Sequence):
-        if not seq.prefill.begun:
-            self._begin(seq)
-        t0 = time.perf_counter()
-        before = seq.prefill.next
+        t0, before = time.perf_counter(), seq.prefill.next
         logits = self.stepper.prefill(seq, self.prefill_chunk)
-        dt = time.perf_counter() - t0
+        self._chunk_done(seq, logits, seq.prefill.next - before, time.perf_counter() - t0)
+
+    def _chunk_done(self, seq: Sequence, logits: Optional[torch.Tensor], tokens: int, dt: float):
         st = self.stats
         st.chunks += 1
-        st.chunk_tokens += seq.prefill.next - before
+        st.chunk_tokens += tokens
         st.chunk_seconds += dt
         st.chunk_max = max(st.chunk_max, dt)
         if logits is not None:
             seq.prefill = None
             self._pick(seq, logits)
 
+    def _prefill_and_decode(self, seq: Sequence, seqs: list[Sequence]):
+        """A prompt chunk riding in the decode step of seqs (none: a chunk alone); its time counts as the
+        chunk's (the gap a decoding stream sees)."""
+        t0, before = time.perf_counter(), seq.prefill.next
+        logits, first = self.stepper.both(seqs, seq, self.prefill_chunk)
+        self._decoded(seqs, logits)
+        self._chunk_done(seq, first, seq.prefill.next - before, time.perf_counter() - t0)
+        self.stats.step_tokens += len(seqs)
+
     def _decode(self, seqs: list[Sequence]):
         t0 = time.perf_counter()
-        logits = self.stepper.decode(seqs)                             # [n, V]
+        self._decoded(seqs, self.stepper.decode(seqs))
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st.steps += 1
+        st.step_tokens += len(seqs)
+        st.step_seconds += dt
+        st.step_max = max(st.step_max, dt)
+
+    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Logits [n, V] of a decode step -> each sequence's next token."""
         for s in seqs:                                                 # its fed token's keys/values are in
             s.pos += 1
         # plain greedy rows (no penalties, grammar or logprobs) are chosen in one argmax over the batch
@@ -392,12 +418,6 @@ class Engine:
                 self._accept(s, best[i])
             else:
                 self._pick(s, logits[i])
-        dt = time.perf_counter() - t0
-        st = self.stats
-        st.steps += 1
-        st.step_tokens += len(seqs)
-        st.step_seconds += dt
-        st.step_max = max(st.step_max, dt)
 
     def _pick(self, seq: Sequence, logits: torch.Tensor):
         """Choose the next token of one sequence from its logits [V]."""

@@ -59,6 +59,8 @@ def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
 class FastDecoder:
     """step(tokens, positions, rows) -> logits [M, V]: token i at positions[i] of cache row rows[i] (earlier
     positions of each row already cached), equal to model.forward of the same step up to float summation order.
+    A row may take several consecutive positions in one step (a piece of a prompt beside other rows' decode
+    tokens): each token attends to its row's keys up to its own position, written in order.
     Holds raw pointers into the model's weights and the cache's tensors, so rebuild it when the weights are
     replaced (valid() tells)."""
 
@@ -74,12 +76,7 @@ class FastDecoder:
         self.R, self.F, self.eps = cfg.rope_dim, cfg.ffn_hidden_size, float(cfg.norm_eps)
         self.interleaved = int(bool(cfg.rope_interleaved))
         self.rows, self.max_seq = cache.slots, cache.max_seq
-        B = self.rows
-
-        def buf(n):
-            return torch.zeros(B, n, dtype=torch.float32)
-        self.x, self.h, self.qkv, self.y = buf(self.C), buf(self.C), buf(cfg.qkv_size), buf(self.H * self.D)
-        self.a, self.m, self.u, self.g = buf(self.C), buf(self.C), buf(2 * self.F), buf(self.F)
+        self._buffers(self.rows)
         self.cos, self.sin = model.rope_table("cpu")
         self.half = self.cos.shape[1]
         self.layers = []
@@ -89,6 +86,15 @@ class FastDecoder:
                 self._gemm_args(layer.attn.out), layer.ffn_norm.weight.detach().contiguous(),
                 self._gemm_args(layer.mlp.up), self._gemm_args(layer.mlp.down), k, v))
         self.norm_w = model.norm.weight.detach().contiguous()
+
+    def _buffers(self, n: int):
+        """Activation buffers for up to n tokens per step."""
+        def buf(width):
+            return torch.zeros(n, width, dtype=torch.float32)
+        self.capacity = n
+        self.x, self.h, self.y = buf(self.C), buf(self.C), buf(self.H * self.D)
+        self.qkv = buf(self.model.config.qkv_size)
+        self.a, self.m, self.u, self.g = buf(self.C), buf(self.C), buf(2 * self.F), buf(self.F)
 
     @staticmethod
     def _gemm_args(mod: QuantLinear):
@@ -105,16 +111,24 @@ class FastDecoder:
                    for (_, qkv, _, _, _, dg, _, _), layer in zip(self.layers, self.model.layers))
 
     @torch.inference_mode()
-    def step(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
+    def step(self, tokens: Sequence[int], positions: Sequence[int], rows: Sequence[int],
+             logits_for: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """logits_for: the indices of the tokens whose logits are wanted (default all) -> [len, V]."""
         M = len(tokens)
-        if M < 1 or len(positions) != M or len(rows) != M or M > self.rows:
-            raise ValueError(f"{M} tokens at {len(positions)} positions in {len(rows)} cache rows "
-                             f"(at most {self.rows})")
-        if len(set(rows)) != M or not all(0 <= r < self.rows for r in rows):
-            raise ValueError(f"cache rows {list(rows)}: each must be distinct and in [0, {self.rows})")
-        for p in positions:
+        if M < 1 or len(positions) != M or len(rows) != M:
+            raise ValueError(f"{M} tokens at {len(positions)} positions in {len(rows)} cache rows")
+        last: dict = {}
+        for p, r in zip(positions, rows):
+            if not 0 <= r < self.rows:
+                raise ValueError(f"cache row {r} outside the cache rows [0, {self.rows})")
             if not 0 <= p < self.max_seq:
                 raise ValueError(f"position {p} outside the cache of {self.max_seq}")
+            if r in last and p != last[r] + 1:
+                raise ValueError(f"cache row {r}: positions {last[r]} then {p}; a row's tokens in one step "
+                                 "take consecutive positions, in order")
+            last[r] = p
+        if M > self.capacity:
+            self._buffers(M)
         ext, model = self.ext, self.model
         C, H, G, D, F = self.C, self.H, self.G, self.D, self.F
         x, h, qkv, y, a, mm, u, g = (t[:M] for t in (self.x, self.h, self.qkv, self.y, self.a, self.m, self.u,
@@ -140,7 +154,7 @@ class FastDecoder:
             ext.swiglu(up, gp, M, F)
             gemm(dg[0], gp, dg[1], dg[2], dg[3], mp, M, dg[4], dg[5], dg[6])
         ext.rmsnorm(xp, mp, self.norm_w.data_ptr(), hp, M, C, self.eps)
-        return model.output(h)
+        return model.output(h if logits_for is None else h[list(logits_for)])
 
 
 def fast_decoder(model: GLM, cache: KVCache, current: Optional[FastDecoder] = None) -> Optional[FastDecoder]:
