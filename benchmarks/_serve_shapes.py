@@ -66,8 +66,8 @@ def ensure_model(shape: str, base: Path, log=print) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"building the {shape}-shaped random INT4 model (once; reused from {q_dir} afterwards):")
-    log(f"  1/2 random bf16 checkpoint in the official layout (benchmarks/decode.py ensure_float; ~12.5 GB, "
-        f"reused when already complete) ...")
+    log("  1/2 random bf16 checkpoint in the official layout (benchmarks/decode.py ensure_float; ~12.5 GB, "
+        "reused when already complete) ...")
     float_dir = ensure_float_subprocess(shape, base)
     t1 = time.perf_counter()
     log(f"      {float_dir} ready in {t1 - t0:.0f} s")

@@ -19,7 +19,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 ROLES = ("system", "user", "assistant", "tool", "function", "observation")
 RETRAIN_KEY, RETRAIN_VALUE = "[[训练时间]]", "2023年"      # replaced in answers by every official chat()

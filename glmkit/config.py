@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 # family -> human name, used in messages

@@ -79,9 +79,9 @@ def test_pipeline_and_server_sharing_a_model_never_reuse_each_others_cache(fresh
                                            max_tokens=16)
         x2 = x + [a.to_message(), {"role": "user", "content": "继续说"}]
         b = pipe.chat(x2, temperature=0, max_tokens=16)
-        s2 = client.chat.completions.create(model=app.fastapi.state.settings.model_id,
-                                            messages=y + [{"role": "assistant", "content": s.choices[0].message.content},
-                                                          {"role": "user", "content": "然后呢"}],
+        y2 = y + [{"role": "assistant", "content": s.choices[0].message.content},
+                  {"role": "user", "content": "然后呢"}]
+        s2 = client.chat.completions.create(model=app.fastapi.state.settings.model_id, messages=y2,
                                             temperature=0, max_tokens=16)
         assert b.usage["prompt_tokens_details"]["cached_tokens"] > 0          # its own history, reused
         assert s2.usage.prompt_tokens_details.cached_tokens > 0
@@ -132,3 +132,20 @@ def test_history_trimming_is_an_option_of_the_server(fresh):
         want = fresh.chat(msgs, temperature=0, max_tokens=8)          # the Pipeline trims the same way
         assert r.json()["choices"][0]["message"]["content"] == want
         assert r.json()["usage"]["prompt_tokens"] == want.usage["prompt_tokens"] < fresh.ctx
+
+
+def test_nonfinite_logits_end_the_answer_the_same_way_in_both_drivers(monkeypatch):
+    """One engine, one rule: a step with no finite logit yields the end-of-answer token (Pipeline and server
+    used to fall back to different ids)."""
+    import glmkit
+    pipe = glmkit.load(C3)
+    real = pipe.model.output.forward
+    monkeypatch.setattr(pipe.model.output, "forward", lambda x: torch.full_like(real(x), float("nan")))
+    r = pipe.chat("你好", max_tokens=5)
+    assert r == "" and r.finish_reason == "stop" and pipe.last_stats.nonfinite_logits
+    with running_server(pipe=pipe) as (base, app):
+        body = {"model": app.fastapi.state.settings.model_id, "messages": [{"role": "user", "content": "你好"}],
+                "max_tokens": 5}
+        j = httpx.post(base + "/v1/chat/completions", json=body).json()
+        assert j["choices"][0]["message"]["content"] == "" and j["choices"][0]["finish_reason"] == "stop"
+        assert httpx.get(base + "/health").status_code == 200

@@ -1,7 +1,6 @@
 """glmkit chat: interactive terminal chat with streaming output and history."""
 from __future__ import annotations
 
-import json
 import sys
 
 from .common import add_model_args, add_sampling_args, load_pipeline, sampling_kwargs, stats_line

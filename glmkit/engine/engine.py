@@ -9,7 +9,8 @@ One iteration, step():
        longest prefix it can reuse -- what its own slot still holds, what another slot holds (a sequence
        running there, or one that ran there), or blocks of the prefix cache -- copied into its slot; what its
        slot held beyond that is saved to the prefix cache first (the prefix cache keeps what leaves the slots);
-    3. one decode step for every sequence past its prompt, all rows together;
+    3. one decode step for every sequence past its prompt, all rows together (on the fused path the prompt
+       chunk of step 2 rides in this step's matrix multiplies);
     4. finished, cancelled and timed-out sequences leave; their slot keeps their keys/values for the next one.
 So a decoding stream waits at most one prefill chunk plus one step for its next token, whoever joins.
 
@@ -50,11 +51,11 @@ def default_prefill_chunk(model: GLM) -> int:
     """Prompt tokens per prefill step: 32 on CPU, 512 elsewhere.
 
     Measured (benchmarks/prefill_chunk.py, ChatGLM3-6B INT4, 2 threads, AMD EPYC Zen3 AVX2, a 512-token prompt
-    joining 7 decoding rows): chunk 8 / 16 / 32 / 64 / 128 / 256 read the prompt at 19.5 / 23.2 / 24.3 / 21.9 /
-    22.6 / 18.9 tok/s with 0.40 / 0.68 / 1.32 / 2.74 / 5.56 / 13.58 s per chunk. From 16 tokens on the GEMMs are
-    compute-bound and bigger chunks read no faster, while every decoding stream waits a whole chunk for its next
-    token: 32 reads fastest and keeps that wait near 1.3 s (+0.3 s for the step). On a GPU a step of 512 tokens
-    costs little more than one of 32 (not measured here: no GPU), so the usual 512 is kept there."""
+    joining 7 decoding rows): with chunks of 8 / 16 / 32 / 64 / 128 tokens the prompt was read in 37.8 / 34.1 /
+    27.4 / 22.5 / 22.2 s while each decoding stream waited 0.58 / 0.99 / 1.67 / 2.81 / 5.48 s between tokens.
+    The matrix multiplies are compute-bound from ~16 rows on, so bigger chunks mostly save the per-step weight
+    reads: 32 is the knee (twice the chunk reads 15-20% faster for 1.7x the wait). On a GPU a step of 512
+    tokens costs little more than one of 32 (not measured here: no GPU), so the usual 512 is kept there."""
     return 32 if model.device.type == "cpu" else 512
 
 

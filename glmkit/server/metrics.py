@@ -85,7 +85,8 @@ class Metrics:
         L += ["# HELP glmkit_prefill_chunk_tokens Prompt tokens per prefill chunk (--prefill-chunk).",
               "# TYPE glmkit_prefill_chunk_tokens gauge", f"glmkit_prefill_chunk_tokens {engine.prefill_chunk}",
               "# HELP glmkit_prompt_tokens_cached_total Prompt tokens whose keys/values were reused.",
-              "# TYPE glmkit_prompt_tokens_cached_total counter", f"glmkit_prompt_tokens_cached_total {es.cached_tokens}",
+              "# TYPE glmkit_prompt_tokens_cached_total counter",
+              f"glmkit_prompt_tokens_cached_total {es.cached_tokens}",
               "# HELP glmkit_prefix_cache_hit_rate Share of prompt tokens reused from a cache (slot or prefix cache).",
               "# TYPE glmkit_prefix_cache_hit_rate gauge", f"glmkit_prefix_cache_hit_rate {es.hit_rate:.4f}"]
         pc = engine.prefix
