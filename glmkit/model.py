@@ -13,7 +13,10 @@ state between calls). Its one method the model uses:
 
     cache.update(layer, k, v, cache_pos, kv_len, row0) -> (keys, values)
         k, v [B, G, T, D] of this call's tokens go to positions cache_pos [B, T] of cache rows row0..row0+B-1;
-        returned: the keys/values of positions [0, kv_len) of those rows, [B, G, kv_len, D].
+        returned: the keys/values of positions [0, kv_len) of those rows, [B, G, P + kv_len, D], after the
+        cache's P = cache.prefix_len virtual tokens (P-tuning v2: keys/values every query sees, with no
+        position of their own; 0 for a plain cache). adapters/ptuning.py's PrefixKV is such an object without
+        any storage, for full forwards (training).
 
 Rows of a batch may sit at different positions (the engine decodes several sequences together).
 """
@@ -24,6 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import ModelConfig
 
@@ -173,6 +177,7 @@ class GLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._rope_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.grad_checkpointing = False     # training: recompute each block's activations in the backward pass
 
     # --- rotary table --------------------------------------------------------------------------------
     def rope_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,9 +259,10 @@ class GLM(nn.Module):
     def attention_inputs(self, input_ids: torch.Tensor, cache_pos: Optional[torch.Tensor] = None,
                          kv_len: Optional[int] = None, state: Optional[SeqState] = None,
                          position_ids: Optional[torch.Tensor] = None,
-                         attention_mask: Optional[torch.Tensor] = None):
+                         attention_mask: Optional[torch.Tensor] = None, prefix_len: int = 0):
         """-> (rope, mask, cache_pos) for tokens input_ids [B, T] at cache_pos [B, T] (default 0..T-1) attending
-        to key positions [0, kv_len) (default: the tokens themselves).
+        to key positions [0, kv_len) (default: the tokens themselves), after prefix_len virtual tokens that
+        every query sees.
 
         What the caller gives is used as given; only what is missing is derived: positions from cache_pos
         (ChatGLM-6B's 2D positions from the SeqState), the mask causal (plus ChatGLM-6B's bidirectional
@@ -276,6 +282,8 @@ class GLM(nn.Module):
             mask = self._mask_for(cache_pos, keys, state)
             if bool(mask.all()):
                 mask = None                            # SDPA needs no mask when every key is visible
+        if mask is not None and prefix_len:
+            mask = torch.cat((mask.new_ones(*mask.shape[:-1], prefix_len), mask), dim=-1)
         return rope, mask, cache_pos
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -284,8 +292,13 @@ class GLM(nn.Module):
     def blocks(self, x: torch.Tensor, rope, mask, cache=None, cache_pos=None, kv_len=None, row0: int = 0,
                start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Hidden states [B, T, C] through layers [start, stop)."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers[start:stop]:
-            x = layer(x, rope, mask, cache, cache_pos, kv_len, row0)
+            if ckpt:                                   # keep only each block's input; redo the rest backwards
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, cache, cache_pos, kv_len, row0,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, cache, cache_pos, kv_len, row0)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,12 +318,14 @@ class GLM(nn.Module):
         what is not given is derived (attention_inputs), ChatGLM-6B's from `state` (sequence_state of the ids
         when absent: [gMASK]/[MASK]/<sop>).
         """
+        prefix_len = 0
         if cache is not None:
             if cache_pos is None:
                 raise ValueError("a forward with a KV cache needs cache_pos (the tokens' positions)")
             kv_len = kv_len if kv_len is not None else int(cache_pos.max()) + 1
+            prefix_len = getattr(cache, "prefix_len", 0)
         rope, mask, cache_pos = self.attention_inputs(input_ids, cache_pos, kv_len, state, position_ids,
-                                                      attention_mask)
+                                                      attention_mask, prefix_len)
         x = self.blocks(self.embed(input_ids), rope, mask, cache, cache_pos, kv_len, row0)
         if last_only:
             x = x[:, -1:]

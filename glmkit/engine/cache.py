@@ -17,18 +17,28 @@ import torch
 
 
 class KVCache:
+    """prefix_len virtual tokens (P-tuning v2) occupy the first positions of every row, before position 0 of
+    the sequence: positions here are the sequences' own (0..max_seq-1), stored at prefix_len + position."""
+
     def __init__(self, num_layers: int, slots: int, kv_heads: int, max_seq: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (slots, kv_heads, max_seq, head_dim)
+                 dtype: torch.dtype, device, prefix: Optional[torch.Tensor] = None):
+        P = 0 if prefix is None else prefix.shape[3]
+        shape = (slots, kv_heads, P + max_seq, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.slots, self.max_seq, self.dtype = slots, max_seq, dtype
+        self.slots, self.max_seq, self.dtype, self.prefix_len = slots, max_seq, dtype, P
+        if prefix is not None:                          # [layers, 2, G, P, D], the same for every row
+            for i, (k, v) in enumerate(zip(self.k, self.v)):
+                k[:, :, :P] = prefix[i, 0].to(dtype)
+                v[:, :, :P] = prefix[i, 1].to(dtype)
 
     @classmethod
-    def for_model(cls, model, slots: int, max_seq: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
-        """A cache for `model` (max_seq <= its max_seq_len). Quantized models compute in fp32 on CPU; their cache
-        is fp16 (half the memory: 58 MB instead of 117 MB per 2048 positions of ChatGLM3-6B; F16C converts it
-        back fast). Other models keep their activation dtype."""
+    def for_model(cls, model, slots: int, max_seq: int, dtype: Optional[torch.dtype] = None,
+                  prefix: Optional[torch.Tensor] = None) -> "KVCache":
+        """A cache for `model` (max_seq <= its max_seq_len), with P-tuning's prefix keys/values [layers, 2, G,
+        P, D] when given. Quantized models compute in fp32 on CPU; their cache is fp16 (half the memory: 58 MB
+        instead of 117 MB per 2048 positions of ChatGLM3-6B; F16C converts it back fast). Other models keep
+        their activation dtype."""
         cfg = model.config
         if max_seq > cfg.max_seq_len:
             raise ValueError(f"cache of {max_seq} positions exceeds the model's {cfg.max_seq_len}")
@@ -36,7 +46,7 @@ class KVCache:
             raise ValueError(f"a cache needs at least 1 slot and 2 positions, got {slots} x {max_seq}")
         if dtype is None:
             dtype = torch.float16 if cfg.quantization and model.dtype == torch.float32 else model.dtype
-        return cls(cfg.num_layers, slots, cfg.num_kv_heads, max_seq, cfg.head_dim, dtype, model.device)
+        return cls(cfg.num_layers, slots, cfg.num_kv_heads, max_seq, cfg.head_dim, dtype, model.device, prefix)
 
     @property
     def bytes_per_token(self) -> int:
@@ -46,42 +56,44 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.bytes_per_token * self.slots * self.max_seq
+        return self.bytes_per_token * self.slots * (self.prefix_len + self.max_seq)
 
     # --- the model's side (model.py's protocol) ------------------------------------------------------------
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_pos: torch.Tensor, kv_len: int,
                row0: int = 0):
         """k, v [B, G, T, D] at positions cache_pos [B, T] of rows row0..row0+B-1
-        -> keys/values [B, G, kv_len, D] of those rows (views of the cache)."""
+        -> keys/values [B, G, prefix_len + kv_len, D] of those rows (views of the cache)."""
         B, T = cache_pos.shape
-        K, V = self.k[layer], self.v[layer]
+        K, V, P = self.k[layer], self.v[layer], self.prefix_len
         rows = slice(row0, row0 + B)
         if B == 1 and (T == 1 or bool((cache_pos[0, 1:] - cache_pos[0, :-1] == 1).all())):
-            p0 = int(cache_pos[0, 0])                        # one row, consecutive positions: a slice
+            p0 = P + int(cache_pos[0, 0])                    # one row, consecutive positions: a slice
             K[row0, :, p0:p0 + T] = k[0].to(K.dtype)
             V[row0, :, p0:p0 + T] = v[0].to(V.dtype)
         else:
             idx = torch.arange(row0, row0 + B, device=k.device)[:, None]
             # advanced indices (rows, positions) around a slice put [B, T] first: [B, T, G, D]
-            K[idx, :, cache_pos] = k.transpose(1, 2).to(K.dtype)
-            V[idx, :, cache_pos] = v.transpose(1, 2).to(V.dtype)
-        return K[rows, :, :kv_len], V[rows, :, :kv_len]
+            K[idx, :, cache_pos + P] = k.transpose(1, 2).to(K.dtype)
+            V[idx, :, cache_pos + P] = v.transpose(1, 2).to(V.dtype)
+        return K[rows, :, :P + kv_len], V[rows, :, :P + kv_len]
 
     # --- the engine's side: whole positions of a row, for the prefix cache ----------------------------------
     def read(self, row: int, start: int, stop: int) -> torch.Tensor:
         """A copy of positions [start, stop) of one row: [layers, 2, G, stop - start, D]."""
-        return torch.stack([torch.stack((k[row, :, start:stop], v[row, :, start:stop]))
-                            for k, v in zip(self.k, self.v)])
+        a, b = self.prefix_len + start, self.prefix_len + stop
+        return torch.stack([torch.stack((k[row, :, a:b], v[row, :, a:b])) for k, v in zip(self.k, self.v)])
 
     def copy(self, src: int, dst: int, start: int, stop: int):
         """Positions [start, stop) of row src into row dst."""
+        a, b = self.prefix_len + start, self.prefix_len + stop
         for k, v in zip(self.k, self.v):
-            k[dst, :, start:stop] = k[src, :, start:stop]
-            v[dst, :, start:stop] = v[src, :, start:stop]
+            k[dst, :, a:b] = k[src, :, a:b]
+            v[dst, :, a:b] = v[src, :, a:b]
 
     def write(self, row: int, start: int, block: torch.Tensor):
         """The inverse of read(): block [layers, 2, G, n, D] into positions [start, start + n) of `row`."""
+        a = self.prefix_len + start
         n = block.shape[3]
         for i, (k, v) in enumerate(zip(self.k, self.v)):
-            k[row, :, start:start + n] = block[i, 0]
-            v[row, :, start:start + n] = block[i, 1]
+            k[row, :, a:a + n] = block[i, 0]
+            v[row, :, a:a + n] = block[i, 1]

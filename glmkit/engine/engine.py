@@ -132,7 +132,8 @@ class TokenStream:
 
 class Engine:
     def __init__(self, model: GLM, max_seq: int, slots: int = 1, *, cache_mb: Optional[float] = None,
-                 prefill_chunk: Optional[int] = None, max_queue: int = 64):
+                 prefill_chunk: Optional[int] = None, max_queue: int = 64, ptuning: Optional[torch.Tensor] = None):
+        """ptuning: P-tuning v2 keys/values [layers, 2, G, P, D] in front of every sequence (adapters/ptuning.py)."""
         cfg = model.config
         self.model = model
         self.max_seq = min(max_seq, cfg.max_seq_len)
@@ -141,6 +142,7 @@ class Engine:
         self.reuse = self.cache_mb > 0                 # 0: no prefix is reused, not even a slot's own
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(model)
         self.max_queue = max_queue
+        self.ptuning = ptuning
         self.stats = EngineStats()
         self.cache: Optional[KVCache] = None           # allocated at the first step (a Pipeline that only
         self.prefix: Optional[PrefixCache] = None      # hands its model to a server never allocates its own)
@@ -156,7 +158,7 @@ class Engine:
     # --- setup ------------------------------------------------------------------------------------------------
     def ensure_cache(self) -> KVCache:
         if self.cache is None:
-            self.cache = KVCache.for_model(self.model, self.slots, self.max_seq)
+            self.cache = KVCache.for_model(self.model, self.slots, self.max_seq, prefix=self.ptuning)
             self.prefix = PrefixCache(int(self.cache_mb * 2**20), self.cache.bytes_per_token, PREFIX_BLOCK)
             self.stepper = Stepper(self.model, self.cache)
         return self.cache

@@ -135,12 +135,14 @@ class FastDecoder:
                                                      self.g))
         x.copy_(model.tok_embeddings(torch.tensor(list(tokens))))
         xp, hp, qp, yp, ap, mp, up, gp = (t.data_ptr() for t in (x, h, qkv, y, a, mm, u, g))
-        # per row: its rotary row, its cache row (fp16 [G, max_seq, D]), its slices of qkv and y
-        qkv_n, row_bytes = qkv.shape[1] * 4, 2 * G * self.max_seq * D
+        # per token: its rotary row (its own position), its cache row (fp16 [G, P + max_seq, D], where it is
+        # stored after the cache's P prefix positions and attends to them too), its slices of qkv and y
+        P, S = self.cache.prefix_len, self.cache.k[0].shape[2]
+        qkv_n, row_bytes = qkv.shape[1] * 4, 2 * G * S * D
         per_row = [(self.cos.data_ptr() + 4 * p * self.half, self.sin.data_ptr() + 4 * p * self.half,
-                    r * row_bytes, qp + i * qkv_n, yp + i * H * D * 4, p)
+                    r * row_bytes, qp + i * qkv_n, yp + i * H * D * 4, P + p)
                    for i, (p, r) in enumerate(zip(positions, rows))]
-        stride, gemm, attend = self.max_seq * D, ext.gemm, ext.attend
+        stride, gemm, attend = S * D, ext.gemm, ext.attend
         for i, (w1, qg, og, w2, ug, dg, kc, vc) in enumerate(self.layers):
             ext.rmsnorm(xp, mp if i else 0, w1.data_ptr(), hp, M, C, self.eps)
             gemm(qg[0], hp, qg[1], qg[2], qg[3], qp, M, qg[4], qg[5], qg[6])

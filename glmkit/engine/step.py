@@ -113,7 +113,8 @@ class Stepper:
         T, L = pf.ctx_len, model.config.num_layers
         if pf.hidden is None:
             ids = pf.ids[:, :T]
-            pf.inputs = model.attention_inputs(ids, torch.arange(T, device=ids.device)[None], T, pf.state)
+            pf.inputs = model.attention_inputs(ids, torch.arange(T, device=ids.device)[None], T, pf.state,
+                                               prefix_len=self.cache.prefix_len)
             pf.hidden, pf.layer = model.embed(ids), 0
         stop = min(L, pf.layer + max(1, chunk * L // T))
         rope, mask, cpos = pf.inputs

@@ -23,7 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .blank_infilling import ObjectiveConfig, Sample, SpecialIds, make_sample, prompt_answer_sample
+from .blank_infilling import (IGNORE, ObjectiveConfig, Sample, SpecialIds, make_sample, pack_rows,
+                              prompt_answer_sample)
 from .documents import expand_paths, iter_documents
 
 VAL_EPOCH = 10 ** 6          # validation spans come from their own "epoch", never one that training reaches
@@ -271,6 +272,16 @@ class Batcher:
 
     def next_rows(self, n: int) -> list[list[Sample]]:
         return [self.next_row() for _ in range(n)]
+
+    # --- the training loop's batch-source protocol (see loop.py) ---
+    def collate(self, rows: list[list[Sample]], pad_id: int) -> dict:
+        return pack_rows(rows, self.seq_len, pad_id)
+
+    @staticmethod
+    def count(rows: list[list[Sample]]) -> tuple[int, int]:
+        """(target tokens, input tokens) of rows."""
+        return (sum(int((s.targets != IGNORE).sum()) for row in rows for s in row),
+                sum(len(s) for row in rows for s in row))
 
     def all_rows(self) -> list[list[Sample]]:
         """Every unit once, in order (validation)."""

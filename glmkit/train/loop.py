@@ -1,6 +1,14 @@
-"""The training loop: GLM batches -> AdamW steps, with validation, metrics, atomic checkpoints and exact resume.
+"""The training loop: batches -> AdamW steps, with validation, metrics, atomic checkpoints and exact resume.
 
-One step consumes one global batch of `rows` packed rows (rows x seq_len tokens). Under torchrun each of the
+One loop for pretraining and fine-tuning: what it trains on is a batch source (data.Batcher's packed
+blank-infilling rows, finetune.py's chat examples) with
+    next_rows(n) -> n rows          state() / load_state(st): the data position (saved in checkpoints)
+    collate(rows, pad_id) -> {"input_ids", "targets"[, "position_ids", "attention_mask"]} tensors
+    count(rows) -> (target tokens, input tokens)
+and what it trains is any module that maps input_ids (+ the optional keys) to logits (a GLM; or a GLM wrapped
+with its adapter, finetune.py), of which only the parameters that require grad are trained.
+
+One step consumes one global batch of `rows` rows. Under torchrun each of the
 W data-parallel ranks builds the same global batch from the shared cursor and trains on rows rank::W; the loss
 of a step is the sum of token losses over the global batch divided by the global number of target tokens, so
 the gradient (and the loss curve) is the same for any W and any micro-batch size, up to float summation order.
@@ -31,9 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..model import GLM, SeqState
-from .blank_infilling import IGNORE, pack_rows
-from .data import Batcher
+from ..model import GLM
+from .blank_infilling import IGNORE
 
 
 @dataclass
@@ -161,35 +168,39 @@ def param_groups(model: torch.nn.Module, wd: float):
 
 
 def batch_loss(model, batch: dict, n_targets: int, amp: Optional[torch.dtype], device) -> torch.Tensor:
-    """Sum of token cross-entropies / n_targets (the global count), so micro-batches and ranks add up."""
+    """Sum of token cross-entropies / n_targets (the global count), so micro-batches and ranks add up.
+    Positions and masks are used when the batch has them; the model derives them otherwise."""
     ids = batch["input_ids"].to(device)
-    B = ids.shape[0]
-    state = SeqState(torch.zeros(B, dtype=torch.long, device=device),
-                     torch.full((B,), -1, dtype=torch.long, device=device))   # unused: positions/mask are given
+    extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        logits = model(ids, state=state, position_ids=batch["position_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device))
+        logits = model(ids, **extra)
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].to(device).flatten(),
                            ignore_index=IGNORE, reduction="sum") / n_targets
 
 
 class Trainer:
-    def __init__(self, model: GLM, tc: TrainConfig, batcher: Batcher, val_rows: list, out: Path,
+    """model: a GLM, or a module holding one as .glm (an adapter wrapper) with a .config. save_trainable: the
+    checkpoint holds only the parameters that require grad (an adapter over a frozen base) instead of all."""
+
+    def __init__(self, model: torch.nn.Module, tc: TrainConfig, batcher, val_rows: list, out: Path,
                  device: str = "cpu", dist_info: Optional[Dist] = None, pad_id: int = 0, export=None,
-                 progress: bool = True, fsdp: bool = False):
+                 progress: bool = True, fsdp: bool = False, save_trainable: bool = False,
+                 max_bad_steps: int = 3):
         self.tc, self.batcher, self.val_rows, self.out = tc, batcher, val_rows, Path(out)
         self.device = torch.device(device)
         self.dist = dist_info or Dist()
         self.pad_id, self.export, self.progress = pad_id, export, progress
+        self.save_trainable, self.max_bad_steps = save_trainable, max_bad_steps
         self.raw_model = model.to(self.device)
+        glm = getattr(model, "glm", model)
         self.amp = autocast_dtype(tc, self.device)
         if tc.fp32_softmax:
-            for layer in model.layers:
+            for layer in glm.layers:
                 layer.attn.fp32_softmax = True
         self._emb_hook = None
         if tc.emb_grad_shrink != 1.0:
             a = tc.emb_grad_shrink
-            self._emb_hook = model.tok_embeddings.register_forward_hook(
+            self._emb_hook = glm.tok_embeddings.register_forward_hook(
                 lambda _m, _i, out: out * a + out.detach() * (1 - a))
         self.model = model
         if self.dist.world > 1:
@@ -208,6 +219,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
+        self.bad_steps = 0                                # non-finite losses in a row (steps skipped)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.metrics_path = self.out / "metrics.jsonl"
@@ -221,6 +233,9 @@ class Trainer:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(self.model, options=opts),
                     get_optimizer_state_dict(self.model, self.opt, options=opts))
+        if self.save_trainable:
+            return ({k: p.detach() for k, p in self.raw_model.named_parameters() if p.requires_grad},
+                    self.opt.state_dict())
         return self.raw_model.state_dict(), self.opt.state_dict()
 
     def save(self):
@@ -250,7 +265,11 @@ class Trainer:
             set_model_state_dict(self.model, ck["model"], options=opts)
             set_optimizer_state_dict(self.model, self.opt, ck["optimizer"], options=opts)
         else:
-            self.raw_model.load_state_dict(ck["model"])
+            missing, unexpected = self.raw_model.load_state_dict(ck["model"], strict=not self.save_trainable)
+            if unexpected or (self.save_trainable and set(ck["model"]) != {
+                    k for k, p in self.raw_model.named_parameters() if p.requires_grad}):
+                raise RuntimeError(f"{path or self.ckpt_path}: its parameters are not this run's trainable ones "
+                                   f"(another method or target modules?)")
             self.opt.load_state_dict(ck["optimizer"])
         self.step, self.tokens_seen, self.elapsed = ck["step"], ck["tokens_seen"], ck["elapsed"]
         self.batcher.load_state(ck["data"])
@@ -270,8 +289,7 @@ class Trainer:
         """One optimizer step over the next global batch -> (loss, non-pad input tokens of the global batch)."""
         tc = self.tc
         rows = self.batcher.next_rows(tc.rows)
-        n_targets = sum(int((s.targets != IGNORE).sum()) for row in rows for s in row)
-        n_tokens = sum(len(s) for row in rows for s in row)
+        n_targets, n_tokens = self.batcher.count(rows)
         mine = self._rank_rows(rows)
         micro = tc.micro_rows or max(1, len(mine))
         chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)] or [[]]
@@ -283,7 +301,7 @@ class Trainer:
         for i, chunk in enumerate(chunks):
             if not chunk:
                 continue
-            batch = pack_rows(chunk, tc.seq_len, self.pad_id)
+            batch = self.batcher.collate(chunk, self.pad_id)
             # DDP averages gradients over ranks: scale by W so the sum over ranks is what one process computes
             loss = batch_loss(self.model, batch, n_targets, self.amp, self.device)
             sync = i == len(chunks) - 1
@@ -295,25 +313,30 @@ class Trainer:
             with ctx:
                 (loss * self.dist.world).backward()
             total += loss.detach().double().cpu()
+        total = float(all_sum(total, self.dist))
+        if not math.isfinite(total):                      # skip the update; run() stops after a few in a row
+            self.opt.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            return total, n_tokens
+        self.bad_steps = 0
         if tc.grad_clip > 0:                              # (FSDP2's sharded gradients are DTensors: same call)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        total = all_sum(total, self.dist)
         self.step += 1
-        return float(total), n_tokens
+        return total, n_tokens
 
     @torch.no_grad()
     def validate(self) -> Optional[float]:
         if not self.val_rows:
             return None
         self.model.eval()
-        n_targets = sum(int((s.targets != IGNORE).sum()) for row in self.val_rows for s in row)
+        n_targets, _ = self.batcher.count(self.val_rows)
         mine = self._rank_rows(self.val_rows)
         micro = self.tc.micro_rows or 8
         total = torch.zeros((), dtype=torch.float64)
         for i in range(0, len(mine), micro):
-            batch = pack_rows(mine[i:i + micro], self.tc.seq_len, self.pad_id)
+            batch = self.batcher.collate(mine[i:i + micro], self.pad_id)
             total += batch_loss(self.model, batch, n_targets, self.amp, self.device).double().cpu()
         return float(all_sum(total, self.dist))
 
@@ -330,7 +353,16 @@ class Trainer:
             loss, n_tok = self.train_step()
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise RuntimeError(f"loss is {loss} at step {self.step}: lower --lr, or check the data")
+                msg = (f"loss is {loss} at step {self.step + 1}: the step was skipped ({self.bad_steps} in a row; "
+                       f"the run stops at {self.max_bad_steps})")
+                if self.dist.main:
+                    print(f"warning: {msg}", file=sys.stderr, flush=True)
+                self.log({"type": "skipped", "step": self.step + 1, "loss": str(loss)})
+                if self.bad_steps >= self.max_bad_steps:
+                    raise RuntimeError(f"{self.max_bad_steps} non-finite losses in a row at step {self.step + 1}: "
+                                       f"stopped; the last good checkpoint ({self.ckpt_path}) is kept. Lower "
+                                       "--lr, or check the data")
+                continue
             self.tokens_seen += n_tok
             self.elapsed += dt
             tps = n_tok / dt
