@@ -563,9 +563,13 @@ def save_model(model: GLM, out_dir, source_dir=None, max_shard_bytes: int = 4 <<
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    adapted = next((k for k in sd if ".adapters." in k or k.endswith(".base.weight")), None)
+    if adapted is not None:
+        raise CheckpointError(f"the model holds LoRA adapters ({adapted}): merge them first (glmkit merge) or "
+                              "save the adapter on its own (glmkit.adapters.peft_format.save_peft_lora)")
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.tie_word_embeddings:
         sd.pop("output.weight", None)
     shards: list[dict] = [{}]

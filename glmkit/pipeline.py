@@ -231,14 +231,18 @@ class Pipeline:
     """A loaded model with its tokenizer and chat format; one generation at a time (an engine with one slot)."""
 
     def __init__(self, model, tokenizer: Tokenizer, path: Optional[Path] = None, ctx: Optional[int] = None,
-                 defaults: Optional[dict] = None, cache_mb: Optional[float] = None):
+                 defaults: Optional[dict] = None, cache_mb: Optional[float] = None, ptuning=None,
+                 adapter: Optional[Path] = None):
+        """ptuning: a P-tuning v2 prefix (keys/values [layers, 2, G, P, D]) in front of every sequence;
+        adapter: the folder it (or a LoRA inside the model) came from."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.path = Path(path) if path else None
         self.chat_format = tokenizer.chat_format
         max_seq = min(ctx or DEFAULT_CTX, model.config.max_seq_len)
-        self.engine = Engine(model, max_seq, slots=1, cache_mb=cache_mb)
+        self.ptuning, self.adapter = ptuning, adapter
+        self.engine = Engine(model, max_seq, slots=1, cache_mb=cache_mb, ptuning=ptuning)
         self.defaults = dict(self.chat_format.defaults)
         self.defaults.update(defaults or {})
         self.last_stats: Optional[GenerationStats] = None
@@ -250,6 +254,15 @@ class Pipeline:
     @property
     def device(self):
         return self.model.device
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, V] of one full forward over ids (no KV cache), through the adapter when one is loaded."""
+        x = torch.tensor([list(ids)], device=self.device)
+        if self.ptuning is None:
+            return self.model(x)[0]
+        from .adapters.ptuning import PrefixKV
+        return self.model(x, PrefixKV(self.ptuning, 1), cache_pos=torch.arange(x.shape[1], device=self.device)[None])[0]
 
     # --- parameters --------------------------------------------------------------------------------------
     def sampling_params(self, **kw) -> SamplingParams:
@@ -375,14 +388,15 @@ def _generation_defaults(path: Path) -> dict:
 
 def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = None,
          ctx: Optional[int] = None, progress: bool = False, quantize=None,
-         cache_mb: Optional[float] = None) -> Pipeline:
+         cache_mb: Optional[float] = None, adapter=None) -> Pipeline:
     """Load a model folder (official ChatGLM-6B/2/3, GLM-4 in either layout, or glmkit's own) -> Pipeline.
 
     dtype: None picks float32 on CPU for models under 1B parameters, else bfloat16 (float16 on CUDA unless the
     checkpoint is bf16); quantized models compute in float32 on CPU. ctx: context positions to allocate
     (default 8192, capped by the model). quantize: "int4" | "int8" | "int4:g64" quantizes while loading
     (a folder written by `glmkit quantize` is quantized already and needs nothing). cache_mb: memory for
-    the prefix cache of earlier prompts (default engine.DEFAULT_CACHE_MB; 0 turns it off).
+    the prefix cache of earlier prompts (default engine.DEFAULT_CACHE_MB; 0 turns it off). adapter: a PEFT LoRA
+    folder or an official P-tuning v2 folder made for this base (glmkit finetune writes both kinds).
     """
     if path is None:                  # the embedded glm-tiny (glmkit/models), when this install carries it
         from .models import embedded_model_path
@@ -397,6 +411,11 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     path = Path(path).expanduser()
     model, info = load_model(path, dtype=dtype, device=device, family=family, progress=progress,
                              quantize=quantize)
+    ptuning = None
+    if adapter is not None:
+        from .adapters import load_adapter
+        adapter = Path(adapter).expanduser()
+        ptuning = load_adapter(model, adapter, info.layout)
     if model.config.quantization:
         from .quant import prepare_model
         prepare_model(model)          # pack weights for the fast CPU kernels (no-op where they cannot run)
@@ -404,4 +423,5 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size} embedding rows")
-    return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path), cache_mb=cache_mb)
+    return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path), cache_mb=cache_mb,
+                    ptuning=ptuning, adapter=adapter)

@@ -172,12 +172,38 @@ def _fast():
 # Modules
 # ------------------------------------------------------------------------------------------------------------
 
+class _QuantLinearGrad(torch.autograd.Function):
+    """A frozen quantized layer that passes gradients to its input (QLoRA, P-tuning on a quantized base):
+    forward as usual; backward grad_x = grad_y @ W with W dequantized a row slice at a time (never whole)."""
+
+    @staticmethod
+    def forward(ctx, x, mod):
+        ctx.mod, ctx.dtype = mod, x.dtype
+        with torch.no_grad():
+            return mod.forward_frozen(x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        m = ctx.mod
+        K, N = m.in_features, m.out_features
+        g = gy.reshape(-1, N)
+        gx = torch.zeros(g.shape[0], K, dtype=g.dtype, device=g.device)
+        qw, sc = m.canonical()
+        rows = max(1, CHUNK_BYTES // (4 * K))
+        for r in range(0, N, rows):
+            gx.addmm_(g[:, r:r + rows], dequantize_tensor(qw[r:r + rows], sc[r:r + rows], m.bits, m.group, g.dtype))
+        return gx.view(*gy.shape[:-1], K).to(ctx.dtype), None
+
+
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear with a block-quantized weight. Activations in any float dtype; output in that dtype.
+    The weight is frozen; gradients flow to the input (QLoRA).
 
     Buffers qweight, scales (canonical format) and bias (float32) form the state_dict; the fast path's
     packed copy of the weight (kernel layout) is made by prepare() and is never saved.
     """
+
+    supports_autograd = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group: int,
                  device=None):
@@ -270,6 +296,14 @@ class QuantLinear(nn.Module):
                 return q if name == "qweight" else s
         return super().__getattr__(name)
 
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, scales) in the canonical format: the buffers, or one unpack of the kernels' packed copy."""
+        b = self._buffers
+        if b.get("qweight") is not None:
+            return b["qweight"], b["scales"]
+        from . import kernels
+        return kernels.unpack(self.bits, self._packed, self.out_features, self.in_features, self.group)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._buffers.get("qweight") is None and self._packed is not None:
@@ -293,6 +327,11 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantLinearGrad.apply(x, self)
+        return self.forward_frozen(x)
+
+    def forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
         K, N = self.in_features, self.out_features
         if self.use_fast and x.device.type == "cpu" and (self._packed is not None or self.prepare()):
             M = x.numel() // K

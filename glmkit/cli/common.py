@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser):
                         "a 6B model in ~3.5 GB (int4) or ~6.5 GB (int8); `glmkit quantize` saves the result")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch and the quantized kernels (default: all cores)")
+    g.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a fine-tuned adapter for this base: a PEFT LoRA folder or an official P-tuning v2 folder "
+                        "(as glmkit finetune, peft, LLaMA-Factory or the official scripts write them)")
     g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
                    help="memory for the prefix cache: keys/values of earlier prompts (chat history, shared "
                         "system prompts) reused by later ones, least recently used dropped first (default "
@@ -64,7 +67,8 @@ def load_pipeline(args):
               "--model ~/models/chatglm3-6b (see --help).", file=sys.stderr)
         args.model = str(path)
     return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=sys.stderr.isatty(),
-                quantize=getattr(args, "quantize", None), cache_mb=getattr(args, "cache_mb", None))
+                quantize=getattr(args, "quantize", None), cache_mb=getattr(args, "cache_mb", None),
+                adapter=getattr(args, "adapter", None))
 
 
 def set_threads(n):

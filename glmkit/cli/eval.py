@@ -32,8 +32,6 @@ def add_arguments(p):
     g.add_argument("--out", "-o", default=None, metavar="DIR", help="where to write the results "
                    "(default: ./eval-<data file name without extension>)")
     add_model_args(p)
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a fine-tuning adapter folder (P-tuning v2 or LoRA) to apply to the base model")
     g = p.add_argument_group("generation (default: greedy)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=512, metavar="N",
                    help="most tokens per answer (default 512)")
@@ -64,18 +62,6 @@ def sampling_options(args) -> dict:
     return kw
 
 
-def _check_adapter_support(args):
-    if not args.adapter:
-        return
-    import inspect
-
-    from ..pipeline import load
-
-    if "adapter" not in inspect.signature(load).parameters:
-        raise ValueError(f"--adapter {args.adapter}: adapters are not supported yet (evaluate the base model, "
-                         "or a model folder with the adapter merged in)")
-
-
 def _report(problems):
     for problem in problems:
         print(f"glmkit eval: {problem} (skipped)", file=sys.stderr)
@@ -97,7 +83,9 @@ def run(args) -> int:
         raise
     _report(ds.problems)
     check_available()
-    _check_adapter_support(args)
+    if args.adapter:                                  # a folder of neither kind fails before the model loads
+        from ..adapters import adapter_kind
+        adapter_kind(args.adapter)
     out = Path(args.out) if args.out else Path.cwd() / f"eval-{Path(args.data).stem}"
     kw = sampling_options(args)
 

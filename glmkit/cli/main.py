@@ -11,6 +11,7 @@ COMMANDS = {
     "infill": "Fill the [MASK]/[sMASK]/[gMASK] blanks of a text (ChatGLM-6B) and print the completed text.",
     "quantize": "Write an INT8/INT4 weight-only quantized copy of a model folder.",
     "export-gguf": "Write a model as a GGUF file for llama.cpp (q4_0, q8_0, f16, f32).",
+    "merge": "Fold a LoRA adapter into a base model's weights and write the merged model folder.",
     "serve": "Serve a model over HTTP: OpenAI-compatible API, ChatGLM's api.py route, web chat.",
     "plot": "Plot a training run's loss and learning rate (DIR/metrics.jsonl) as a PNG.",
     "train-tokenizer": "Train a ChatGLM-6B-style SentencePiece tokenizer (ice_text.model) on text files.",

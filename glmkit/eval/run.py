@@ -77,7 +77,7 @@ def _generate_batched(pipe, examples, prompts, params, batch_size: int, done: Ca
     max_seq = pipe.ctx
     if params.max_new_tokens is not None:        # room for the longest prompt and its answer: no answer is cut
         max_seq = min(max_seq, longest + params.max_new_tokens)   # shorter than in pipe.ctx (engine.limit)
-    eng = Engine(pipe.model, max_seq, slots=batch_size, cache_mb=pipe.engine.cache_mb)
+    eng = Engine(pipe.model, max_seq, slots=batch_size, cache_mb=pipe.engine.cache_mb, ptuning=pipe.ptuning)
     stop_ids = pipe.chat_format.stop_ids
     answers: list[Optional[str]] = [None] * len(examples)
     errors: list[str] = []

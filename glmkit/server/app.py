@@ -105,7 +105,7 @@ class _Edge:
 def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = Metrics()
     engine = Engine(pipe.model, pipe.ctx, slots=settings.parallel, max_queue=settings.max_queue,
-                    cache_mb=settings.cache_mb, prefill_chunk=settings.prefill_chunk)
+                    cache_mb=settings.cache_mb, prefill_chunk=settings.prefill_chunk, ptuning=pipe.ptuning)
     tok, fmt = pipe.tokenizer, pipe.chat_format
     started = int(time.time())
 
