@@ -16,6 +16,7 @@ COMMANDS = {
     "plot": "Plot a training run's loss and learning rate (DIR/metrics.jsonl) as a PNG.",
     "train-tokenizer": "Train a ChatGLM-6B-style SentencePiece tokenizer (ice_text.model) on text files.",
     "pretrain": "Pretrain a GLM with autoregressive blank infilling (or fine-tune it on chats with --sft).",
+    "finetune": "Fine-tune a model with LoRA (also on an INT4/INT8 base), P-tuning v2 or all its weights.",
     "eval": "Answer the examples of a dataset and score the answers (ROUGE-1/2/L, BLEU-4) as ChatGLM does.",
 }
 

@@ -116,3 +116,154 @@ class ExampleBatcher:
     @staticmethod
     def count(rows: list) -> tuple[int, int]:
         return sum(sum(1 for t in labels[1:] if t != IGNORE) for _, labels in rows), sum(len(i) for i, _ in rows)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+METHOD_LR = {"lora": 1e-4, "ptuning": 2e-2, "full": 1e-5}      # the official scripts' / LLaMA-Factory's usual
+METHOD_NAMES = ("lora", "ptuning", "full")
+
+
+def _warn(msg: str):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _read_data(args, paths, on_error=_warn):
+    from .finetune_data import Summary, read_examples
+    summary = Summary()
+    examples = read_examples(paths, args.data_format, args.prompt_column, args.response_column,
+                             args.history_column, on_error, dict(kv.split("=", 1) for kv in (args.replace or [])),
+                             summary)
+    return examples, summary
+
+
+def _encode(args, tok, examples, summary, on_error=_warn):
+    from .finetune_data import encode_examples
+    return encode_examples(tok, examples, args.max_source_length, args.max_target_length, on_error,
+                           each_turn=args.each_turn, summary=summary)
+
+
+def _load_base(args):
+    """-> (model, LoadInfo, tokenizer). INT8/INT4 with --quantize (the base stays quantized and frozen)."""
+    from ..checkpoint import load_model
+    from ..tokenizer import load_tokenizer
+    model, info = load_model(Path(args.model).expanduser(), dtype=torch.float32, quantize=args.quantize,
+                             progress=sys.stderr.isatty() and not args.quiet)
+    if model.config.quantization and args.method == "full":
+        raise ValueError(f"{args.model}: full fine-tuning needs the float model, not a quantized one "
+                         "(use --method lora or ptuning on a quantized base)")
+    tok = load_tokenizer(Path(args.model).expanduser(), model.config.family)
+    return model, info, tok
+
+
+def _adapt(args, model, info):
+    """Put the method's trainable part on the model -> (the module the loop trains, the prefix encoder or None)."""
+    model.requires_grad_(False)
+    enc = None
+    if args.method == "lora":
+        from ..adapters.lora import apply_lora
+        apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                   layout=info.layout if info.layout != "glmkit" else None, seed=args.seed)
+    elif args.method == "ptuning":
+        from ..adapters.ptuning import PrefixEncoder
+        enc = PrefixEncoder(model.config, args.pre_seq_len, args.prefix_projection)
+        enc.requires_grad_(True)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if args.freeze_layers:                          # train only the last N blocks (and the head)
+            n = model.config.num_layers - args.freeze_layers
+            if n < 1:
+                raise ValueError(f"--freeze-layers {args.freeze_layers} leaves nothing to train in "
+                                 f"{model.config.num_layers} layers")
+            for p in list(model.tok_embeddings.parameters()) + [q for lay in model.layers[:args.freeze_layers]
+                                                                 for q in lay.parameters()]:
+                p.requires_grad_(False)
+    model.grad_checkpointing = args.grad_checkpointing
+    return Tuned(model, enc), enc
+
+
+def _exporter(args, model, info, enc, out: Path):
+    """What a checkpoint also writes: OUT/adapter (PEFT LoRA, official P-tuning folder) or OUT/model (full)."""
+    base = Path(args.model).expanduser()
+
+    def export(_module):
+        if args.method == "lora":
+            from ..adapters.peft_format import save_peft_lora
+            save_peft_lora(model, out / "adapter", None if info.layout == "glmkit" else info.layout,
+                           base_name=str(base))
+        elif args.method == "ptuning":
+            from ..adapters.ptuning import save_ptuning
+            conf = base / "config.json"
+            save_ptuning(enc, out / "adapter", json.loads(conf.read_text(encoding="utf-8")) if conf.is_file() else {})
+        else:
+            from ..checkpoint import save_model
+            save_model(model, out / "model", source_dir=base)
+    return export
+
+
+def run(args) -> dict:
+    from .loop import Trainer, TrainConfig, init_distributed
+
+    if args.method not in METHOD_NAMES:
+        raise ValueError(f"--method must be one of {', '.join(METHOD_NAMES)}, not {args.method!r}")
+    dist_info = init_distributed(args.device)
+    out = Path(args.out).expanduser()
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file() and not args.resume:
+        raise ValueError(f"{out} already holds a run (checkpoint.pt): add --resume to continue it, or choose another "
+                         "--out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if dist_info.main and not args.quiet else (lambda m: None)
+    # the data first: a dataset with nothing usable stops here, before any model is read
+    examples, summary = _read_data(args, args.data)
+    mix_examples, mix_summary = _read_data(args, args.mix) if args.mix else ([], None)
+    eval_examples, eval_summary = _read_data(args, args.eval_data) if args.eval_data else ([], None)
+    model, info, tok = _load_base(args)
+    torch.manual_seed(args.seed)                         # adapter init and dropout masks: the same run every time
+    rows, summary = _encode(args, tok, examples, summary)
+    mix_rows = _encode(args, tok, mix_examples, mix_summary)[0] if mix_examples else []
+    val_rows = _encode(args, tok, eval_examples, eval_summary)[0] if eval_examples else []
+    say(summary.line())
+    if mix_rows:
+        say(f"mixed in: {len(mix_rows)} examples from {', '.join(map(str, args.mix))} at ratio {args.mix_ratio}")
+    module, enc = _adapt(args, model, info)
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    batcher = ExampleBatcher(rows, seed=args.seed, mix=mix_rows, mix_ratio=args.mix_ratio)
+    per_step = args.batch_size * args.grad_accum * dist_info.world       # examples per optimizer step, all ranks
+    steps = args.steps or max(1, math.ceil(args.epochs * len(rows) / per_step))
+    tc = TrainConfig(steps=steps, seq_len=0, rows=per_step, micro_rows=args.batch_size,
+                     lr=args.lr or METHOD_LR[args.method], min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                     weight_decay=args.weight_decay, grad_clip=args.grad_clip, dtype=args.dtype,
+                     eval_every=args.eval_every if val_rows else 0, save_every=args.save_every, seed=args.seed,
+                     extra={"method": args.method})
+    if dist_info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({
+            "argv": sys.argv, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "examples": len(rows), "mix_examples": len(mix_rows), "eval_examples": len(val_rows),
+            "trainable_parameters": n_train, "steps": steps, "base_layout": info.layout,
+        }, indent=2, ensure_ascii=False, default=str))
+    say(f"{args.method}: {n_train / 1e6:.3f}M trainable parameters of {model.config.num_params() / 1e6:.1f}M"
+        f"{' (base ' + 'int%d' % model.config.quantization['bits'] + ', frozen)' if model.config.quantization else ''}"
+        f"; {steps} steps x {per_step} examples ({args.batch_size} per forward on {dist_info.world} "
+        f"process(es)), lr {tc.lr:g}")
+    trainer = Trainer(module, tc, batcher, val_rows, out, device=args.device, dist_info=dist_info,
+                      pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                      export=_exporter(args, model, info, enc, out), progress=not args.quiet,
+                      save_trainable=args.method != "full")
+    if ckpt.is_file() and args.resume:
+        ck = trainer.load()
+        say(f"resumed {out} at step {ck['step']}")
+    res = trainer.run()
+    what = out / ("model" if args.method == "full" else "adapter")
+    say(f"done: step {res['step']}, {res['tokens']} tokens, {res['tok_per_s']:.0f} tokens/s"
+        + (f", eval loss {res['val_loss']:.4f}" if res.get("val_loss") is not None else "")
+        + f"; {what} (use: glmkit chat --model {args.model}"
+        + (f" --adapter {what})" if args.method != "full" else f" -> glmkit chat --model {what})"))
+    if dist_info.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return res
