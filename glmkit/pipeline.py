@@ -232,7 +232,7 @@ class Pipeline:
 
     def __init__(self, model, tokenizer: Tokenizer, path: Optional[Path] = None, ctx: Optional[int] = None,
                  defaults: Optional[dict] = None, cache_mb: Optional[float] = None, ptuning=None,
-                 adapter: Optional[Path] = None):
+                 adapter: Optional[Path] = None, layout: Optional[str] = None):
         """ptuning: a P-tuning v2 prefix (keys/values [layers, 2, G, P, D]) in front of every sequence;
         adapter: the folder it (or a LoRA inside the model) came from."""
         self.model = model
@@ -241,7 +241,8 @@ class Pipeline:
         self.path = Path(path) if path else None
         self.chat_format = tokenizer.chat_format
         max_seq = min(ctx or DEFAULT_CTX, model.config.max_seq_len)
-        self.ptuning, self.adapter = ptuning, adapter
+        self.ptuning, self.adapter, self.layout = ptuning, adapter, layout
+        self.named_adapters: dict = {}            # name -> folder (LoRAs chosen per request, add_adapter)
         self.engine = Engine(model, max_seq, slots=1, cache_mb=cache_mb, ptuning=ptuning)
         self.defaults = dict(self.chat_format.defaults)
         self.defaults.update(defaults or {})
@@ -254,6 +255,23 @@ class Pipeline:
     @property
     def device(self):
         return self.model.device
+
+    def add_adapter(self, name: str, folder) -> None:
+        """Load a LoRA adapter into the model beside the base, by name: an engine sequence with adapter=name
+        (a server request for model `name`) uses it, every other one the bare base (adapters are unmerged and
+        applied per batch row)."""
+        from .adapters import AdapterError, adapter_kind
+        from .adapters.lora import set_active
+        from .adapters.peft_format import load_peft_lora
+        if self.adapter is not None:
+            raise AdapterError(f"this model was loaded with --adapter {self.adapter}: named adapters go beside the "
+                               "bare base only")
+        if adapter_kind(folder) != "lora":
+            raise AdapterError(f"{folder} is a P-tuning v2 adapter: only LoRA adapters can be served by name beside "
+                               "the base (serve a P-tuning adapter on its own: --adapter DIR)")
+        load_peft_lora(self.model, Path(folder).expanduser(), self.layout, name=name)
+        set_active(self.model, None)              # requests for the base get the base
+        self.named_adapters[name] = Path(folder)
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
@@ -424,4 +442,4 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size} embedding rows")
     return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path), cache_mb=cache_mb,
-                    ptuning=ptuning, adapter=adapter)
+                    ptuning=ptuning, adapter=adapter, layout=info.layout)

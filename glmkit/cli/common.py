@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
+from typing import Optional
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -22,9 +25,10 @@ def add_model_args(p: argparse.ArgumentParser):
                         "a 6B model in ~3.5 GB (int4) or ~6.5 GB (int8); `glmkit quantize` saves the result")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch and the quantized kernels (default: all cores)")
-    g.add_argument("--adapter", metavar="DIR", default=None,
+    g.add_argument("--adapter", metavar="DIR", default=None, action="append",
                    help="a fine-tuned adapter for this base: a PEFT LoRA folder or an official P-tuning v2 folder "
-                        "(as glmkit finetune, peft, LLaMA-Factory or the official scripts write them)")
+                        "(as glmkit finetune, peft, LLaMA-Factory or the official scripts write them); serve also "
+                        "takes several LoRAs as NAME=DIR, each answering requests for model NAME")
     g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
                    help="memory for the prefix cache: keys/values of earlier prompts (chat history, shared "
                         "system prompts) reused by later ones, least recently used dropped first (default "
@@ -51,7 +55,28 @@ def sampling_kwargs(args) -> dict:
                 seed=args.seed, stop=args.stop)
 
 
-def load_pipeline(args):
+NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.:-]*)=(.+)$")
+
+
+def split_adapters(values, named_ok: bool = False) -> tuple[Optional[str], dict]:
+    """--adapter values -> (the one unnamed adapter folder or None, {name: folder} of the named ones)."""
+    plain, named = [], {}
+    for v in values or []:
+        m = NAMED.match(v)
+        if m and not Path(v).expanduser().exists():
+            if m.group(1) in named:
+                raise ValueError(f"--adapter {m.group(1)}= is given twice")
+            named[m.group(1)] = m.group(2)
+        else:
+            plain.append(v)
+    if len(plain) > 1 or (named and not named_ok):
+        raise ValueError("only one --adapter DIR here (glmkit serve takes several LoRAs as NAME=DIR)")
+    if plain and named:
+        raise ValueError("give either one --adapter DIR (the served model) or named ones NAME=DIR beside the base")
+    return (plain[0] if plain else None), named
+
+
+def load_pipeline(args, named_adapters: bool = False):
     """-> Pipeline (the embedded glm-tiny when no model is given, or the guidance text if it is missing)."""
     from ..pipeline import NO_MODEL_HELP, load
 
@@ -66,9 +91,10 @@ def load_pipeline(args):
               "by glmkit on Chinese poetry and English text). For real answers run a THUDM model: "
               "--model ~/models/chatglm3-6b (see --help).", file=sys.stderr)
         args.model = str(path)
+    adapter, _ = split_adapters(getattr(args, "adapter", None), named_adapters)
     return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=sys.stderr.isatty(),
                 quantize=getattr(args, "quantize", None), cache_mb=getattr(args, "cache_mb", None),
-                adapter=getattr(args, "adapter", None))
+                adapter=adapter)
 
 
 def set_threads(n):

@@ -85,7 +85,8 @@ def run(args) -> int:
     check_available()
     if args.adapter:                                  # a folder of neither kind fails before the model loads
         from ..adapters import adapter_kind
-        adapter_kind(args.adapter)
+        from .common import split_adapters
+        adapter_kind(split_adapters(args.adapter)[0])
     out = Path(args.out) if args.out else Path.cwd() / f"eval-{Path(args.data).stem}"
     kw = sampling_options(args)
 
@@ -93,7 +94,8 @@ def run(args) -> int:
     result = evaluate(pipe, ds.examples, batch_size=args.batch_size, progress=True, **kw)
     for s in result.skipped:
         print(f"glmkit eval: {s}", file=sys.stderr)
-    settings = {"model": str(pipe.path) if pipe.path else args.model, "adapter": args.adapter,
+    settings = {"model": str(pipe.path) if pipe.path else args.model,
+                "adapter": str(pipe.adapter) if pipe.adapter else None,
                 "data": str(args.data), "prompt_column": args.prompt_column,
                 "response_column": args.response_column, "history_column": args.history_column,
                 "limit": args.limit}

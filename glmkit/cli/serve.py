@@ -9,6 +9,8 @@ from .common import add_model_args, load_pipeline
 EXAMPLES = """examples:
   glmkit serve --model ~/models/chatglm3-6b                      # http://127.0.0.1:8000 (web chat at /)
   glmkit serve --model ~/models/glm-4-9b-chat -q int4 --parallel 8 --api-key secret --host 0.0.0.0
+  glmkit serve --model ~/models/chatglm3-6b --adapter ads=runs/ads/adapter --adapter law=runs/law/adapter
+      # the base as "chatglm3-6b", each LoRA as its NAME (requests for different ones decode together)
 
 then, with the openai client:
   from openai import OpenAI
@@ -59,13 +61,22 @@ def run(args) -> int:
         raise ValueError("--prefill-chunk must be positive")
     if args.cache_mb is not None and args.cache_mb < 0:
         raise ValueError("--cache-mb must be 0 (off) or more")
-    pipe = load_pipeline(args)
-    name = args.model_name or Path(args.model).expanduser().resolve().name
+    from .common import split_adapters
+    _, named = split_adapters(args.adapter, named_ok=True)
+    pipe = load_pipeline(args, named_adapters=True)
+    model_id = args.model_name or Path(args.model).expanduser().resolve().name
+    for name, folder in named.items():              # LoRAs beside the base, each answering model NAME
+        if name == model_id:
+            raise ValueError(f"--adapter {name}=...: that is the base model's own name")
+        pipe.add_adapter(name, folder)
+    name = model_id
     settings = ServerSettings(model_id=name, api_key=args.api_key, parallel=args.parallel,
                               max_queue=args.max_queue, request_timeout=args.timeout, max_body_bytes=args.max_body,
                               cache_mb=args.cache_mb, prefill_chunk=args.prefill_chunk,
-                              trim_history=args.trim_history)
+                              trim_history=args.trim_history, adapters=tuple(named))
     app = create_app(pipe, settings)
+    if named:
+        print(f"glmkit serve: adapters {', '.join(named)} beside the base", file=sys.stderr)
     print(f"glmkit serve: {name} ({pipe.config.family}, context {pipe.ctx}, {args.parallel} slots) on "
           f"http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -199,7 +199,8 @@ class Engine:
 
     # --- the caller's-thread driver (Pipeline, terminal) -------------------------------------------------------
     def generate(self, prompt_ids: Seq[int], params: SamplingParams, stop_ids: Iterable[int] = (),
-                 state: Optional[SeqState] = None, constraint=None, logprobs: Optional[int] = None) -> TokenStream:
+                 state: Optional[SeqState] = None, constraint=None, logprobs: Optional[int] = None,
+                 adapter: Optional[str] = None) -> TokenStream:
         """One sequence, generated as the returned TokenStream is iterated. One generation at a time: a stream
         still open is cancelled. state: the prompt's SeqState where it is not the one model.sequence_state
         derives (infilling a mask other than the first [gMASK]/[MASK])."""
@@ -208,7 +209,8 @@ class Engine:
         for s in list(self.running) + list(self.queue):
             s.cancel()
         self.sweep()
-        seq = Sequence(prompt_ids, params, stop_ids, state=state, constraint=constraint, logprobs=logprobs)
+        seq = Sequence(prompt_ids, params, stop_ids, state=state, constraint=constraint, logprobs=logprobs,
+                       adapter=adapter)
         stream = TokenStream(self, seq)
         self.submit(seq)
         return stream
@@ -302,10 +304,12 @@ class Engine:
         return int(seq.state.ctx_len[0]) if self.model.config.prefix_lm else 0
 
     def _tag(self, seq: Sequence):
-        """What keys/values depend on besides the tokens: ChatGLM-6B's context length and mask position."""
-        if not (self.model.config.prefix_lm or self.model.config.rope_2d):
-            return None
-        return (int(seq.state.ctx_len[0]), int(seq.state.mask_pos[0])) if seq.state is not None else "?"
+        """What keys/values depend on besides the tokens: the sequence's LoRA adapter, and ChatGLM-6B's context
+        length and mask position -> (adapter, (ctx_len, mask_pos) or None), or None for a causal model's base."""
+        ctx = None
+        if self.model.config.prefix_lm or self.model.config.rope_2d:
+            ctx = (int(seq.state.ctx_len[0]), int(seq.state.mask_pos[0])) if seq.state is not None else "?"
+        return None if seq.adapter is None and ctx is None else (seq.adapter, ctx)
 
     def _reusable(self, seq: Sequence, tag, ids: list) -> list:
         """The prefix of seq's prompt that content (tag, ids) can give: the common prefix, at most all but the
@@ -365,7 +369,8 @@ class Engine:
     def _save(self, slot: int, tag, ids: list):
         """Keep what slot holds (tag, ids) in the prefix cache before it is overwritten."""
         if ids and self.prefix.enabled:
-            head = tag[0] if isinstance(tag, tuple) and tag[0] else None       # a prefix LM's context
+            ctx = tag[1] if tag is not None else None
+            head = ctx[0] if isinstance(ctx, tuple) and ctx[0] else None     # a prefix LM's context
             self.prefix.insert(ids, len(ids), lambda a, b: self.cache.read(slot, a, b), head=head, tag=tag)
 
     # --- prefill and decode ------------------------------------------------------------------------------------

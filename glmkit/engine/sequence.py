@@ -88,7 +88,8 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], params: SamplingParams, stop_ids: Seq[int] = (),
                  emit: Optional[Callable[[tuple], None]] = None, *, state: Optional[SeqState] = None,
-                 constraint=None, logprobs: Optional[int] = None, deadline: Optional[float] = None):
+                 constraint=None, logprobs: Optional[int] = None, deadline: Optional[float] = None,
+                 adapter: Optional[str] = None):
         self.prompt = [int(i) for i in prompt_ids]
         if not self.prompt:
             raise ValueError("empty prompt")
@@ -99,6 +100,7 @@ class Sequence:
         self.constraint = constraint          # .mask_logits(logits [V]) -> [V] and .advance(id), or None
         self.logprobs = logprobs              # None: off; k >= 0: the chosen token's and k alternatives
         self.deadline = deadline              # time.monotonic() after which the answer ends ("length")
+        self.adapter = adapter                # a LoRA adapter of the model by name; None: the model as loaded
         self.cancelled = False
         self.stats = GenerationStats(prompt_tokens=len(self.prompt), t_start=time.perf_counter())
         # the engine's

@@ -19,6 +19,7 @@ All write keys/values into the engine's KVCache; none knows about scheduling.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -47,6 +48,19 @@ class Stepper:
         self.model, self.cache = model, cache
         self.fast: Optional[FastDecoder] = fast_decoder(model, cache)
 
+    def _adapters(self, rows):
+        """A context in which each batch row uses its sequence's LoRA adapter, when any row names one (rows:
+        Sequences, or None for the dummy rows of a slot range; adapters/lora.py applies them per row, unmerged)."""
+        names = [s.adapter if s is not None else None for s in rows]
+        if not any(n is not None for n in names):
+            return contextlib.nullcontext()
+        from ..adapters.lora import row_adapters
+        return row_adapters(self.model, names)
+
+    def _forward(self, rows, *args, **kw):
+        with self._adapters(rows):
+            return self.model(*args, **kw)
+
     @property
     def decode_path(self) -> str:
         return "fused" if self.fast is not None else f"model.forward ({why_not(self.model, self.cache)})"
@@ -73,7 +87,9 @@ class Stepper:
                 ctx[s.slot - lo], mpos[s.slot - lo] = int(s.state.ctx_len[0]), int(s.state.mask_pos[0])
             state = SeqState(ctx.to(dev), mpos.to(dev))
         kv_len = max(s.pos for s in seqs) + 1
-        logits = model(ids.to(dev), self.cache, cache_pos=pos.to(dev), kv_len=kv_len, row0=lo, state=state)
+        at = {s.slot - lo: s for s in seqs}
+        logits = self._forward([at.get(r) for r in range(B)], ids.to(dev), self.cache, cache_pos=pos.to(dev),
+                               kv_len=kv_len, row0=lo, state=state)
         return logits[torch.tensor([s.slot - lo for s in seqs], device=dev), -1]
 
     # --- a prompt chunk and a decode step together (fused path) ----------------------------------------------
@@ -102,8 +118,8 @@ class Stepper:
         if s < pf.ctx_len:                # a bidirectional context is read whole: the rest fits this chunk
             e = n
         pos = torch.arange(s, e, device=pf.ids.device)[None]
-        logits = self.model(pf.ids[:, s:e], self.cache, cache_pos=pos, kv_len=e, row0=seq.slot, state=pf.state,
-                            last_only=True)
+        logits = self._forward([seq], pf.ids[:, s:e], self.cache, cache_pos=pos, kv_len=e, row0=seq.slot,
+                               state=pf.state, last_only=True)
         pf.next = seq.pos = e
         return logits[0, -1] if e == n else None
 
@@ -118,10 +134,11 @@ class Stepper:
             pf.hidden, pf.layer = model.embed(ids), 0
         stop = min(L, pf.layer + max(1, chunk * L // T))
         rope, mask, cpos = pf.inputs
-        pf.hidden = model.blocks(pf.hidden, rope, mask, self.cache, cpos, T, seq.slot, pf.layer, stop)
-        pf.layer = stop
-        if stop < L:
-            return None
-        pf.next = seq.pos = T
-        x, pf.hidden, pf.inputs = pf.hidden, None, None
-        return model.head(x[:, -1:])[0, -1] if T == pf.ids.shape[1] else None
+        with self._adapters([seq]):
+            pf.hidden = model.blocks(pf.hidden, rope, mask, self.cache, cpos, T, seq.slot, pf.layer, stop)
+            pf.layer = stop
+            if stop < L:
+                return None
+            pf.next = seq.pos = T
+            x, pf.hidden, pf.inputs = pf.hidden, None, None
+            return model.head(x[:, -1:])[0, -1] if T == pf.ids.shape[1] else None

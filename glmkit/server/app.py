@@ -43,6 +43,7 @@ class ServerSettings:
     cache_mb: Optional[float] = None        # prefix cache budget (None: the engine's default; 0: off)
     prefill_chunk: Optional[int] = None     # prompt tokens per prefill step (None: the engine's default)
     trim_history: bool = False              # drop the oldest turns of a chat that does not fit (else 400)
+    adapters: tuple = ()                    # LoRA adapters of the model served beside it, by name (= model id)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -149,10 +150,16 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise APIError(401, "incorrect API key", code="invalid_api_key")
 
-    def check_model(name: str):
-        if name != settings.model_id:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{settings.model_id}'",
-                           param="model", code="model_not_found")
+    served = [settings.model_id, *settings.adapters]
+
+    def check_model(name: str) -> Optional[str]:
+        """The request's model id -> the LoRA adapter that answers it (None: the model as loaded)."""
+        if name == settings.model_id:
+            return None
+        if name in settings.adapters:
+            return name
+        raise APIError(404, f"the model '{name}' does not exist; this server serves {', '.join(map(repr, served))}",
+                       param="model", code="model_not_found")
 
     def sampling(r, max_tokens, max_tokens_param="max_tokens") -> SamplingParams:
         if max_tokens is not None and max_tokens < 1:
@@ -178,7 +185,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                                 f"(at least one position is needed for the answer)", param=param,
                            code="context_length_exceeded")
 
-    def submit(ids, params, constraint=None, logprobs=None) -> tuple[Sequence, asyncio.Queue]:
+    def submit(ids, params, constraint=None, logprobs=None, adapter=None) -> tuple[Sequence, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -186,7 +193,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
         ereq = Sequence(ids, params, fmt.stop_ids, emit, constraint=constraint, logprobs=logprobs,
-                        deadline=time.monotonic() + settings.request_timeout)
+                        deadline=time.monotonic() + settings.request_timeout, adapter=adapter)
         try:
             engine.submit(ereq)
         except QueueFull as e:
@@ -285,14 +292,17 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         auth(request)
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": started,
-                                            "owned_by": "glmkit", "context_length": pipe.ctx}]}
+        data = [{"id": settings.model_id, "object": "model", "created": started, "owned_by": "glmkit",
+                 "context_length": pipe.ctx}]
+        data += [{"id": a, "object": "model", "created": started, "owned_by": "glmkit", "context_length": pipe.ctx,
+                  "parent": settings.model_id} for a in settings.adapters]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(model_id: str, request: Request):
         auth(request)
         check_model(model_id)
-        return {"id": settings.model_id, "object": "model", "created": started, "owned_by": "glmkit"}
+        return {"id": model_id, "object": "model", "created": started, "owned_by": "glmkit"}
 
     @app.get("/metrics")
     async def prometheus():
@@ -311,7 +321,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request):
         auth(request)
         r = schemas.parse(schemas.ChatRequest, await request.body())
-        check_model(r.model)
+        adapter = check_model(r.model)
         if r.max_completion_tokens is not None:
             params = sampling(r, r.max_completion_tokens, "max_completion_tokens")
         else:
@@ -339,13 +349,13 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param="response_format", code="invalid_value") from None
         k = (r.top_logprobs or 0) if r.logprobs else None
-        ereq, q = submit(prompt.ids, params, constraint, k)
+        ereq, q = submit(prompt.ids, params, constraint, k, adapter)
         ans = AnswerText(tok, prompt, params.stop)
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))
 
         def chunk(delta, finish=None, lps=None) -> dict:
-            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": settings.model_id,
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": r.model,
                  "choices": [{"index": 0, "delta": delta, "logprobs": {"content": lps} if lps else None,
                               "finish_reason": finish}]}
             if include_usage:
@@ -363,7 +373,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     else:
                         yield sse(chunk({}, item[1], lps=item[2] if k is not None else None))
             return event_stream(chunks(), ereq, {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                                 "model": settings.model_id, "choices": []}
+                                                 "model": r.model, "choices": []}
                                 if include_usage else None)
 
         content, lps, reason = await collect(request, ereq, q, ans)
@@ -371,7 +381,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         if ans.tool_calls:
             msg["tool_calls"] = [c.to_openai() for c in ans.tool_calls]
             msg["content"] = content or None
-        return {"id": cid, "object": "chat.completion", "created": created, "model": settings.model_id,
+        return {"id": cid, "object": "chat.completion", "created": created, "model": r.model,
                 "choices": [{"index": 0, "message": msg, "logprobs": {"content": lps} if k is not None else None,
                              "finish_reason": reason}],
                 "usage": usage_of(ereq.stats)}
@@ -380,7 +390,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     async def completions(request: Request):
         auth(request)
         r = schemas.parse(schemas.CompletionRequest, await request.body())
-        check_model(r.model)
+        adapter = check_model(r.model)
         params = sampling(r, r.max_tokens if r.max_tokens is not None else 16)
         p = r.prompt
         if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
@@ -403,7 +413,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             prompt_text = tok.decode(ids)
         check_length(len(ids), "prompt")
         k = r.logprobs
-        ereq, q = submit(ids, params, None, k)
+        ereq, q = submit(ids, params, None, k, adapter)
         ans = AnswerText(tok, Prompt(ids=ids), params.stop, raw=True)
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))
@@ -416,7 +426,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     "text_offset": []}
 
         def chunk(text, finish=None, entries=()) -> dict:
-            c = {"id": cid, "object": "text_completion", "created": created, "model": settings.model_id,
+            c = {"id": cid, "object": "text_completion", "created": created, "model": r.model,
                  "choices": [{"index": 0, "text": text, "logprobs": lp_block(list(entries)),
                               "finish_reason": finish}]}
             if include_usage:
@@ -433,12 +443,12 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     elif item[0] == "end":
                         yield sse(chunk("", item[1], entries=item[2]))
             return event_stream(chunks(), ereq, {"id": cid, "object": "text_completion", "created": created,
-                                                 "model": settings.model_id, "choices": []}
+                                                 "model": r.model, "choices": []}
                                 if include_usage else None)
 
         text, entries, reason = await collect(request, ereq, q, ans)
         out = (prompt_text if r.echo else "") + text
-        return {"id": cid, "object": "text_completion", "created": created, "model": settings.model_id,
+        return {"id": cid, "object": "text_completion", "created": created, "model": r.model,
                 "choices": [{"index": 0, "text": out, "logprobs": lp_block(entries), "finish_reason": reason}],
                 "usage": usage_of(ereq.stats)}
 
