@@ -105,7 +105,7 @@ def main(argv=None):
             y = torch.empty(a.m, N)
             bw_now = read_bw(big, 2)
             n_calls = max(20, min(400, int(3e9 / nbytes)))
-            t = time_calls(lambda i: gk.gemm(kind, x, packs[i % copies], None, N, K, a.group, out=y), n_calls)
+            t = time_calls(lambda i, packs=packs: gk.gemm(kind, x, packs[i % copies], None, N, K, a.group, out=y), n_calls)
             gbs = nbytes / t / 1e9
             tf = float("nan")
             if not a.no_torch:

@@ -166,6 +166,39 @@ class Block(nn.Module):
         return h * self.alpha + m if self.glm_residual else x + m
 
 
+class _HeadCE(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i) with its gradients made in the forward pass, rows chunks at a time: per chunk
+    logits [rows, V] -> softmax - onehot -> grad_h rows (and grad_W += g^T h when W trains). Memory: one
+    chunk of logits instead of all of them; work: the same matmuls as autograd, nothing recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):                 # h [N, C], weight [V, C], targets [N]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], rows):
+            hc, tc = h[i:i + rows], targets[i:i + rows]
+            logits = F.linear(hc, weight).float()                                   # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            g = logits.sub_(lse[:, None]).exp_()                                    # softmax, in place
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0                    # - onehot
+            if need_h:
+                gh[i:i + rows] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
+                gw.addmm_(g.t(), hc.float())
+        ctx.save_for_backward(gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        gh, gw = ctx.saved_tensors
+        return (gh * grad_total if gh is not None else None,
+                (gw * grad_total).to(ctx.weight_dtype) if gw is not None else None, None, None)
+
+
 class GLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -307,8 +340,9 @@ class GLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache=None, cache_pos: Optional[torch.Tensor] = None,
                 kv_len: Optional[int] = None, row0: int = 0, state: Optional[SeqState] = None,
                 position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only).
+                last_only: bool = False, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only); with targets [B, T] (next-token ids,
+        -100 where no loss): the summed cross-entropy instead (lm_loss), never the whole logits.
 
         Without a cache: a full forward over the tokens (positions 0..T-1 unless cache_pos / position_ids say
         otherwise). With `cache` (see the module docstring): the tokens sit at positions cache_pos [B, T] of
@@ -327,9 +361,38 @@ class GLM(nn.Module):
         rope, mask, cache_pos = self.attention_inputs(input_ids, cache_pos, kv_len, state, position_ids,
                                                       attention_mask, prefix_len)
         x = self.blocks(self.embed(input_ids), rope, mask, cache, cache_pos, kv_len, row0)
+        if targets is not None:
+            return self.lm_loss(x, targets)
         if last_only:
             x = x[:, -1:]
         return self.head(x)
+
+    def lm_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                chunk_bytes: int = 32 << 20) -> torch.Tensor:
+        """Summed cross-entropy (fp32) of the head over hidden states x [B, T, C] against targets [B, T].
+        Only positions with a target go through the head, a chunk of rows at a time: the [B, T, V] logits
+        (V = 65024: 133 MB a copy at 512 tokens, and softmax and gradient make several) never exist whole, and
+        prompt tokens cost no head matmul. A plain nn.Linear head takes its gradients chunk by chunk in the
+        forward pass (_HeadCE: no recompute); any other head (quantized, LoRA-wrapped) recomputes each chunk's
+        logits in the backward pass."""
+        keep = targets != ignore_index
+        h, t = self.norm(x[keep]), targets[keep]                        # [N, C], [N]
+        rows = max(1, chunk_bytes // (4 * self.config.vocab_size))
+        zero = (x.sum() * 0.0).float()                 # keeps the graph for a micro-batch with no target
+        if not torch.is_grad_enabled():
+            return zero + sum((self._ce_sum(h[i:i + rows], t[i:i + rows]) for i in range(0, len(t), rows)),
+                              torch.zeros((), device=x.device))
+        out = self.output
+        if type(out) is nn.Linear and out.bias is None:
+            return zero + _HeadCE.apply(h, out.weight, t, rows)
+        total = zero
+        for i in range(0, h.shape[0], rows):
+            total = total + torch.utils.checkpoint.checkpoint(self._ce_sum, h[i:i + rows], t[i:i + rows],
+                                                              use_reentrant=False)
+        return total
+
+    def _ce_sum(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.output(h).float(), t, reduction="sum")
 
     # --- construction helpers ------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None):

@@ -124,3 +124,42 @@ def test_cache_limits():
         KVCache.for_model(m, 1, 1000)
     with pytest.raises(ValueError, match="cache_pos"):
         m(torch.tensor([[1, 2]]), KVCache.for_model(m, 1, 64))
+
+
+@pytest.mark.parametrize("head", ["linear-trained", "linear-frozen", "int8", "lora"])
+def test_lm_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(head):
+    """forward(targets=) (chunks of rows, gradients made in the forward pass for a plain head, recomputed for
+    others) gives autograd's loss and gradients over the whole logits, with tiny chunks forcing several."""
+    import torch.nn.functional as F
+    from glmkit.adapters.lora import apply_lora
+    from glmkit.quant import quantize_model
+    m = tiny("chatglm3-6b")
+    if head == "int8":
+        quantize_model(m, "int8")
+    if head == "lora":
+        m.requires_grad_(False)
+        apply_lora(m, 4, 8.0, 0.0, "qkv,output", seed=0)
+        for n, p in m.named_parameters():
+            if "lora_B" in n or ".B." in n:
+                torch.nn.init.normal_(p, std=0.1)      # a fresh LoRA's B is zero: make its gradient path visible
+    if head == "linear-frozen":
+        m.output.weight.requires_grad_(False)
+    m.train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, m.config.vocab_size, (2, 17), generator=g)
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    targets[0, :6] = -100                                   # a prompt without loss
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref = F.cross_entropy(m(ids).float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, params)
+    x = m.blocks(m.embed(ids), *m.attention_inputs(ids)[:2])
+    got = m.lm_loss(x, targets, chunk_bytes=4 * m.config.vocab_size * 5)      # chunks of 5 rows
+    got_grads = torch.autograd.grad(got, params)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert len(params) > 0
+    for a, b in zip(got_grads, ref_grads):                 # fp32 summation order differs: relative to the scale
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7
+    assert m(ids, targets=targets).item() == pytest.approx(ref.item(), rel=1e-5)
+    with torch.no_grad():
+        assert m(ids, targets=targets).item() == pytest.approx(ref.item(), rel=1e-5)

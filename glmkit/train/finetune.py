@@ -31,7 +31,7 @@ from .blank_infilling import IGNORE
 class Tuned(nn.Module):
     """A GLM and its adapter as one module for the training loop: LoRA lives inside the GLM's layers, P-tuning's
     prefix encoder beside it (its keys/values, with the official dropout 0.1 in training, in front of every
-    row). forward(input_ids[, position_ids, attention_mask]) -> logits."""
+    row). forward(input_ids[, position_ids, attention_mask, targets]) -> logits (or the summed loss: GLM.lm_loss)."""
 
     def __init__(self, glm: nn.Module, prefix_encoder: Optional[nn.Module] = None, prefix_dropout: float = 0.1):
         super().__init__()
@@ -41,14 +41,14 @@ class Tuned(nn.Module):
     def config(self):
         return self.glm.config
 
-    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, targets=None) -> torch.Tensor:
         if self.prefix_encoder is None:
-            return self.glm(input_ids, position_ids=position_ids, attention_mask=attention_mask)
+            return self.glm(input_ids, position_ids=position_ids, attention_mask=attention_mask, targets=targets)
         B, T = input_ids.shape
         kv = self.prefix_encoder.prefix_kv(B, dropout=self.prefix_dropout)
         pos = torch.arange(T, device=input_ids.device).expand(B, T)
         return self.glm(input_ids, kv, cache_pos=pos, kv_len=T, position_ids=position_ids,
-                        attention_mask=attention_mask)
+                        attention_mask=attention_mask, targets=targets)
 
 
 # --- batches of examples ----------------------------------------------------------------------------------

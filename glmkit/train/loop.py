@@ -36,11 +36,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import GLM
-from .blank_infilling import IGNORE
 
 
 @dataclass
@@ -173,9 +171,10 @@ def batch_loss(model, batch: dict, n_targets: int, amp: Optional[torch.dtype], d
     ids = batch["input_ids"].to(device)
     extra = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if batch.get(k) is not None}
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        logits = model(ids, **extra)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].to(device).flatten(),
-                           ignore_index=IGNORE, reduction="sum") / n_targets
+        # the model computes the loss itself (GLM.lm_loss): only target positions reach the head, a chunk at a
+        # time, so the [B, T, V] logits are never held whole
+        loss = model(ids, **extra, targets=batch["targets"].to(device))
+    return loss / n_targets
 
 
 class Trainer:
