@@ -1,4 +1,5 @@
 """Documents from files: plain text, JSONL and the chinese-poetry JSON, streamed, with bad data reported.
+Shared by training (glmkit/train/) and the knowledge base (glmkit/kb/ uses record_text).
 
 iter_documents(paths) yields Document(text, source, line) one at a time (files are read lazily, one after the
 other). A folder stands for every *.txt/*.jsonl/*.json under it (sorted; folders named "error" skipped, the

@@ -25,7 +25,7 @@ import numpy as np
 
 from .blank_infilling import (IGNORE, ObjectiveConfig, Sample, SpecialIds, make_sample, pack_rows,
                               prompt_answer_sample)
-from .documents import expand_paths, iter_documents
+from ..documents import expand_paths, iter_documents
 
 VAL_EPOCH = 10 ** 6          # validation spans come from their own "epoch", never one that training reaches
 

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from ..chat_format import ChatFormatError, normalize_messages, normalize_tools, parse_chatglm3_call
-from .documents import expand_paths
+from ..documents import expand_paths
 
 IGNORE = -100
 FORMATS = ("auto", "columns", "chatglm3", "alpaca", "sharegpt")

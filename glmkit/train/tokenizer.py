@@ -1,6 +1,6 @@
 """Train a ChatGLM-6B-style SentencePiece tokenizer (ice_text.model + tokenizer_config.json) on your own corpus.
 
-train_tokenizer(inputs, out_dir, vocab_size) reads the documents (glmkit.train.documents.iter_documents: text,
+train_tokenizer(inputs, out_dir, vocab_size) reads the documents (glmkit.documents.iter_documents: text,
 JSONL and chinese-poetry JSON; bad data is reported to on_error and skipped), pre-processes them exactly as
 ChatGLM6BTokenizer does before SentencePiece sees them ("\\n" -> <n>, "\\t" -> <|tab|>, runs of 2..80 spaces
 -> <|blank_N|>), cuts long documents into bounded sentences and trains a unigram model with SentencePiece.
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 from ..tokenizer import ChatGLM6BTokenizer
-from .documents import expand_paths, iter_documents
+from ..documents import expand_paths, iter_documents
 
 MAX_SENTENCE_CHARS = 2000            # longer documents are cut into sentences of at most this many characters
 CONTROL_SYMBOLS = list(ChatGLM6BTokenizer.SPECIALS)
