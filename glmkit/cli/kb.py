@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   glmkit kb ask my-kb "如何配置输入法？" --model ~/models/chatglm3-6b
   glmkit kb ask my-kb "What does the testing distribution contain?" --json
   glmkit kb remove my-kb docs/old.md
+  glmkit kb add team-kb docs/ --store postgresql://kb@db.example:5432/kb    # PostgreSQL + pgvector
   glmkit chat --kb my-kb --model ~/models/chatglm3-6b
 
 Files: .txt .md .html .pdf .docx .jsonl .json. Scores are 0..1 in every retrieval mode (0.4: an average chunk
@@ -35,6 +36,10 @@ def add_arguments(p):
         sp = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("kb", metavar="KB", help="the knowledge base: a directory (created by the first add)")
+        sp.add_argument("--store", metavar="URI", default=None,
+                        help="keep the KB in PostgreSQL + pgvector (postgresql://user@host:port/db[?schema=NAME]; "
+                             "schema by default kb_ + the directory's name) instead of KB/kb.sqlite; kept in "
+                             "KB/store.txt, so later commands on KB use it without --store")
         sp.set_defaults(_kb_run=func)
         return sp
 
@@ -86,7 +91,7 @@ def run(args) -> int:
 
 def _open(args, create=False, **kw):
     from ..kb import KnowledgeBase
-    return KnowledgeBase.open(args.kb, create=create, **kw)
+    return KnowledgeBase.open(args.kb, create=create, store=args.store, **kw)
 
 
 def _err(args, msg: str):
@@ -126,7 +131,7 @@ def run_list(args) -> int:
     with _open(args) as kb:
         files, settings = kb.files(), kb.settings
         if args.json:
-            print(json.dumps({"settings": settings, "files": [
+            print(json.dumps({"settings": settings, "store": kb.store.describe(), "files": [
                 {"source": f.source, "path": f.path, "chunks": f.chunks, "bytes": f.size, "chars": f.chars,
                  "sha256": f.sha256, "added": f.added} for f in files]}, ensure_ascii=False, indent=1))
             return 0
@@ -134,7 +139,7 @@ def run_list(args) -> int:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(f.added))
             print(f"{f.chunks:6d} chunks  {f.size / 1024:9.1f} KB  {when}  {f.source}")
         print(f"{len(files)} files, {sum(f.chunks for f in files)} chunks; chunk size {settings['chunk_size']}, "
-              f"overlap {settings['chunk_overlap']}; {kb.mode_note}")
+              f"overlap {settings['chunk_overlap']}; {kb.mode_note}; store: {kb.store.describe()}")
     return 0
 
 

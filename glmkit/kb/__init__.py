@@ -9,9 +9,10 @@ citations. Offline: nothing here reaches the network.
     print(ask(kb, "如何安装软件包？", glmkit.load()).text)
 
 Layers: readers.py (file -> blocks) -> split.py (normalise, chunk) -> retrieve.py (tokens, BM25/dense index,
-scores) over store.py (Store interface; SQLiteStore). This package uses glmkit's pipeline only through
-answer.py, and nothing in glmkit's core imports it. Settings (chunk size, overlap, embedding model) are kept in
-the store and used by every later add; a file's chunks are redone when its bytes or these settings change.
+scores) over store.py (Store interface; SQLiteStore; PgStore in pgstore.py for `--store postgresql://...`).
+This package uses glmkit's pipeline only through answer.py, and nothing in glmkit's core imports it. Settings
+(chunk size, overlap, embedding model) are kept in the store and used by every later add; a file's chunks are
+redone when its bytes or these settings change.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from typing import Iterable, Optional
 
 from . import retrieve, split
 from .readers import ReadError, collect, read_file
-from .store import FileRecord, Location, SQLiteStore, Store, StoredChunk, StoreError
+from .store import STORE_FILE, FileRecord, Location, SQLiteStore, Store, StoredChunk, StoreError, open_store, \
+    saved_store_spec
 
 __all__ = ["AddReport", "Hit", "KBError", "KnowledgeBase"]
 
@@ -81,6 +83,7 @@ class KnowledgeBase:
     """One knowledge base: a directory holding its store (kb.sqlite) and index cache (index/)."""
 
     DB_FILE = SQLiteStore.FILE
+    STORE_FILE = STORE_FILE            # instead of kb.sqlite: the URI of the store elsewhere (PostgreSQL)
     INDEX_DIR = "index"
 
     def __init__(self, path: Path, store: Store, embedding_model: Optional[str] = None, embedder=None):
@@ -95,7 +98,11 @@ class KnowledgeBase:
             embedding_model = str(folder.resolve())
         if embedding_model is not None and (embedding_model or None) != self.settings["embedding_model"]:
             self.store.set_settings({"embedding_model": embedding_model or None})
-        self.retriever = retrieve.Retriever(store, self.path / self.INDEX_DIR, embedder)
+        cache = self.path / self.INDEX_DIR
+        tag = getattr(store, "cache_tag", None)
+        if tag:                               # a store elsewhere: each store instance's cache apart
+            cache = cache / tag
+        self.retriever = retrieve.Retriever(store, cache, embedder)
 
     @classmethod
     def open(cls, path, create: bool = True, embedding_model: Optional[str] = None, embedder=None,
@@ -103,17 +110,20 @@ class KnowledgeBase:
         """Open (or with create, make) the KB in directory `path`. embedding_model: a sentence-transformers
         folder to use from now on (persisted; "" turns dense retrieval off); embedder: an object with .name and
         .encode(texts) -> [n, D] normalised vectors, used instead of loading a model (tests, servers);
-        store: another Store backend (default: SQLiteStore in path/kb.sqlite)."""
+        store: a Store backend, or a store URI ("postgresql://user@host:port/db[?schema=NAME]": PgStore, kept in
+        path/store.txt so that later opens of the directory use it; see store.open_store). Default: the URI that
+        path/store.txt holds, else SQLiteStore in path/kb.sqlite."""
         path = Path(path).expanduser()
-        if store is None:
+        if store is None or isinstance(store, str):
             if path.exists() and not path.is_dir():
                 raise KBError(f"{path}: a knowledge base is a directory, this is a file")
-            if not (path / cls.DB_FILE).is_file():
+            spec = store or saved_store_spec(path)
+            if spec is None and not (path / cls.DB_FILE).is_file():
                 if not create:
                     raise KBError(f"{path}: no knowledge base here (create one with `glmkit kb add {path} FILES`)")
                 path.mkdir(parents=True, exist_ok=True)
             try:
-                store = SQLiteStore(path / cls.DB_FILE, create=create)
+                store = open_store(spec, path, create=create)
             except StoreError as e:
                 raise KBError(str(e)) from e
         return cls(path, store, embedding_model, embedder)

@@ -13,8 +13,9 @@ BM25 tokens, optional embedding vector). The contract every backend keeps (tests
 
 SQLiteStore: KB/kb.sqlite in WAL mode (readers never block the writer nor it them), synchronous=NORMAL (a
 killed process loses nothing committed; a power cut may lose the last commits but never leaves half of one),
-busy_timeout so that two writers, or a reader during a checkpoint, wait instead of failing. A PostgreSQL +
-pgvector store is meant to implement the same interface.
+busy_timeout so that two writers, or a reader during a checkpoint, wait instead of failing. PgStore
+(pgstore.py): the same contract in PostgreSQL + pgvector, for a KB that a team shares. open_store() picks the
+backend from a store spec (None: SQLite, or the URI the KB directory keeps in KB/store.txt; postgresql://...).
 """
 from __future__ import annotations
 
@@ -129,6 +130,31 @@ class Store(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def describe(self) -> str:
+        """Where the store is, for people (no password)."""
+        return type(self).__name__
+
+    @property
+    def cache_tag(self) -> Optional[str]:
+        """None, or a name for this store's index cache (KB/index/<tag>/): a store whose data is not in the KB
+        directory says which store instance its generations count, so that a cache never outlives it."""
+        return None
+
+    def nearest(self, vector: bytes, k: int = 10) -> list:
+        """[(chunk id, cosine similarity)] of the k chunks whose vectors are most similar to this float32 vector
+        (same dimension only), most similar first. Exact; backends with vector search override it."""
+        import numpy as np
+
+        q = np.frombuffer(vector, dtype=np.float32)
+        data = self.index_data(with_vectors=True)
+        keep = [(i, v) for i, v in zip(data.ids, data.vectors) if v is not None and len(v) == len(vector)]
+        if not keep or not len(q):
+            return []
+        m = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in keep])
+        cos = m @ q / np.maximum(np.linalg.norm(m, axis=1) * np.linalg.norm(q), 1e-12)
+        order = sorted(range(len(keep)), key=lambda j: (-cos[j], keep[j][0]))[:k]
+        return [(int(keep[j][0]), float(cos[j])) for j in order]
 
     def __enter__(self):
         return self
@@ -302,7 +328,58 @@ class SQLiteStore(Store):
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, str(v)))
             self._bump(db)
 
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
+
     def close(self) -> None:
         if self.db is not None:
             self.db.close()
             self.db = None
+
+
+STORE_FILE = "store.txt"           # in a KB directory whose store is elsewhere: the store's URI, one line
+
+
+def saved_store_spec(kb_dir) -> Optional[str]:
+    """The store URI that the KB directory keeps (KB/store.txt), or None (its store is KB/kb.sqlite)."""
+    try:
+        return (Path(kb_dir) / STORE_FILE).read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def open_store(spec: Optional[str], kb_dir, create: bool = True) -> Store:
+    """The store of the KB in directory kb_dir. spec: None -> the URI kept in kb_dir/store.txt, else SQLite in
+    kb_dir/kb.sqlite; "postgresql://user@host:port/db[?schema=NAME]" -> PgStore (schema by default from the
+    directory's name), and its URI (with the schema) is kept in kb_dir/store.txt (made readable by its owner
+    only: it may hold a password) so that later opens of the directory reuse it."""
+    kb_dir = Path(kb_dir).expanduser()
+    saved = saved_store_spec(kb_dir)
+    spec = spec or saved
+    if spec is None:
+        if create:
+            kb_dir.mkdir(parents=True, exist_ok=True)
+        return SQLiteStore(kb_dir / SQLiteStore.FILE, create=create)
+    from . import pgstore
+
+    if saved and pgstore.is_uri(spec) and pgstore.split_uri(spec) == (pgstore.split_uri(saved)[0], None):
+        spec = saved                    # the same server without ?schema=: the KB's schema (even if KB was renamed)
+    if not pgstore.is_uri(spec):
+        raise StoreError(f"--store {spec!r}: expected postgresql://user@host:port/db (the default store, without "
+                         f"--store, is SQLite in {kb_dir / SQLiteStore.FILE})")
+    if saved is None and (kb_dir / SQLiteStore.FILE).exists():
+        raise StoreError(f"{kb_dir} holds a SQLite knowledge base ({SQLiteStore.FILE}); --store cannot move it: "
+                         "use another directory for the PostgreSQL one")
+    store = pgstore.PgStore(spec, kb_name=kb_dir.resolve().name, create=create)
+    if store.uri != saved:
+        try:
+            kb_dir.mkdir(parents=True, exist_ok=True)
+            tmp = kb_dir / f".{STORE_FILE}.tmp"
+            tmp.touch(mode=0o600)
+            tmp.chmod(0o600)
+            tmp.write_text(store.uri + "\n", encoding="utf-8")
+            tmp.replace(kb_dir / STORE_FILE)
+        except BaseException:
+            store.close()
+            raise
+    return store
