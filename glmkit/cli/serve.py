@@ -11,14 +11,21 @@ EXAMPLES = """examples:
   glmkit serve --model ~/models/glm-4-9b-chat -q int4 --parallel 8 --api-key secret --host 0.0.0.0
   glmkit serve --model ~/models/chatglm3-6b --adapter ads=runs/ads/adapter --adapter law=runs/law/adapter
       # the base as "chatglm3-6b", each LoRA as its NAME (requests for different ones decode together)
+  glmkit serve --model ~/models/chatglm3-6b --kb my-kb --kb team-docs   # knowledge bases (`glmkit kb add`)
 
 then, with the openai client:
   from openai import OpenAI
   client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
   client.chat.completions.create(model="chatglm3-6b", messages=[{"role": "user", "content": "你好"}])
+  client.chat.completions.create(model="chatglm3-6b", messages=[{"role": "user", "content": "如何配置输入法？"}],
+                                 extra_body={"knowledge_base": "my-kb", "top_k": 3})   # .sources: the chunks
 
 routes: GET / (web chat), GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions,
-        POST /v1/completions, POST / (ChatGLM api.py: {prompt, history, max_length, top_p, temperature})"""
+        POST /v1/completions, POST / (ChatGLM api.py: {prompt, history, max_length, top_p, temperature})
+  with --kb: GET /v1/knowledge_bases, GET /v1/knowledge_bases/NAME/files, POST /v1/knowledge_bases/NAME/files
+        (multipart upload, stored in KB/files/), DELETE /v1/knowledge_bases/NAME/files/FILE,
+        POST /v1/knowledge_bases/NAME/search {query, top_k, score_threshold}, POST /v1/embeddings (a KB with
+        an embedding model); chat with "knowledge_base": NAME [, "top_k", "score_threshold"] answers from it"""
 
 
 def add_arguments(p):
@@ -44,6 +51,12 @@ def add_arguments(p):
                         "(default: answer HTTP 400 context_length_exceeded, as OpenAI)")
     g.add_argument("--max-body", type=int, default=4 << 20, metavar="BYTES",
                    help="largest request body accepted (default 4 MiB; larger: HTTP 413)")
+    g.add_argument("--kb", action="append", default=[], metavar="DIR",
+                   help="serve this knowledge base (a `glmkit kb` directory; a new one is created empty), named by "
+                        "its directory's name; repeatable. Chat requests with \"knowledge_base\": NAME answer from "
+                        "it with the sources; the web chat can upload to it")
+    g.add_argument("--kb-max-upload-mb", type=float, default=50.0, metavar="MB",
+                   help="largest upload into a knowledge base (default 50; larger: HTTP 413)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -59,6 +72,8 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise ValueError("--prefill-chunk must be positive")
+    if args.kb_max_upload_mb <= 0:
+        raise ValueError("--kb-max-upload-mb must be positive")
     if args.cache_mb is not None and args.cache_mb < 0:
         raise ValueError("--cache-mb must be 0 (off) or more")
     from .common import split_adapters
@@ -73,10 +88,13 @@ def run(args) -> int:
     settings = ServerSettings(model_id=name, api_key=args.api_key, parallel=args.parallel,
                               max_queue=args.max_queue, request_timeout=args.timeout, max_body_bytes=args.max_body,
                               cache_mb=args.cache_mb, prefill_chunk=args.prefill_chunk,
-                              trim_history=args.trim_history, adapters=tuple(named))
+                              trim_history=args.trim_history, adapters=tuple(named), knowledge_bases=tuple(args.kb),
+                              kb_max_upload_bytes=int(args.kb_max_upload_mb * 2**20))
     app = create_app(pipe, settings)
     if named:
         print(f"glmkit serve: adapters {', '.join(named)} beside the base", file=sys.stderr)
+    for kb in app.fastapi.state.knowledge_bases.kbs.values():
+        print(f"glmkit serve: knowledge base {kb.name!r} ({kb.path}): {kb.mode_note}", file=sys.stderr)
     print(f"glmkit serve: {name} ({pipe.config.family}, context {pipe.ctx}, {args.parallel} slots) on "
           f"http://{args.host}:{args.port}  (web chat at /, API at /v1)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -5,6 +5,8 @@ refusal ("根据已知信息无法回答该问题。" for a Chinese question, "T
 an English one) without calling the model. Otherwise the question goes to the model inside langchain-ChatGLM's
 prompt (PROMPT_ZH; PROMPT_EN for English questions) with the chunks numbered [1], [2]..., as many as fit the
 model's context, and the answer is followed by the numbered sources (file, page or lines).
+prepare() is ask() without the model's run: the refusal, or the messages to give a model (glmkit serve answers
+them on its engine).
 
 History (earlier turns, OpenAI-style messages or (question, answer) pairs) is given to the model as the chat so
 far, and a follow-up is retrieved for twice: with the question alone and with the previous question prepended
@@ -135,21 +137,30 @@ def _fit(pipe, question: str, hits: list, lang: str, sampling: dict) -> tuple:
         hits = [type(h)(**{**h.__dict__, "text": h.text[:keep]})]
 
 
+def prepare(kb, question: str, pipe, history=None, top_k: Optional[int] = None,
+            score_threshold: Optional[float] = None, **sampling) -> tuple:
+    """Everything of ask() but the model's run -> (Answer, messages): the messages to give the model (the history,
+    then the question inside the prompt with the chunks that fit), or None when nothing passed the threshold and
+    the Answer is the refusal. Uses pipe's tokenizer and prompt budget only, never its model (so a server can
+    run the messages on its own engine). sampling: as Pipeline.sampling_params (max_tokens sets the budget)."""
+    lang = language(question)
+    hits = retrieve(kb, question, history, top_k, score_threshold)
+    if not hits:
+        return Answer(question, REFUSAL_ZH if lang == "zh" else REFUSAL_EN, False, [], lang), None
+    prompt, used = _fit(pipe, question, hits, lang, sampling)
+    return Answer(question, "", True, used, lang), _history_messages(history) + [{"role": "user", "content": prompt}]
+
+
 def ask(kb, question: str, pipe, history=None, top_k: Optional[int] = None, score_threshold: Optional[float] = None,
         stream: bool = False, **sampling):
     """Answer `question` from `kb` with `pipe` (a glmkit Pipeline) -> Answer, or with stream=True an AnswerRun
     (iterate it for the text as it is generated; .answer afterwards). sampling: Pipeline.chat options
     (temperature, max_tokens/max_new_tokens, seed, ...; the sampling top-k as sample_top_k, since top_k is the
     number of chunks retrieved)."""
-    lang = language(question)
-    hits = retrieve(kb, question, history, top_k, score_threshold)
-    if not hits:
-        ans = Answer(question, REFUSAL_ZH if lang == "zh" else REFUSAL_EN, False, [], lang)
-        return AnswerRun(iter([ans.text]), ans) if stream else ans
     sampling = {("top_k" if k == "sample_top_k" else k): v for k, v in sampling.items() if v is not None}
-    prompt, used = _fit(pipe, question, hits, lang, sampling)
-    messages = _history_messages(history) + [{"role": "user", "content": prompt}]
-    ans = Answer(question, "", True, used, lang)
+    ans, messages = prepare(kb, question, pipe, history, top_k, score_threshold, **sampling)
+    if messages is None:
+        return AnswerRun(iter([ans.text]), ans) if stream else ans
     run = pipe.start_chat(messages, **sampling)
     answer_run = AnswerRun(iter(run), ans, run)
     return answer_run if stream else answer_run.result()

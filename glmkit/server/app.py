@@ -4,6 +4,7 @@ Handlers parse and validate the request, render the chat template and tokenize, 
 (glmkit/engine, many slots, its own worker thread) a Sequence; its token ids come back through an asyncio queue
 and become text here (ResponseParser: content + tool calls; StopStringFilter: `stop`). The model is touched by
 the engine's thread only.
+Knowledge bases (--kb): kb_routes.py (chat with "knowledge_base", files, search, embeddings).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
 from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
 from ..sampling import SamplingParams
-from . import schemas
+from . import kb_routes, schemas
 from .metrics import Metrics
 from .schemas import APIError
 
@@ -44,6 +45,9 @@ class ServerSettings:
     prefill_chunk: Optional[int] = None     # prompt tokens per prefill step (None: the engine's default)
     trim_history: bool = False              # drop the oldest turns of a chat that does not fit (else 400)
     adapters: tuple = ()                    # LoRA adapters of the model served beside it, by name (= model id)
+    knowledge_bases: tuple = ()             # KB directories (--kb), served by their directories' names
+    kb_max_upload_bytes: int = 50 << 20     # largest upload into a KB (--kb-max-upload-mb; larger: HTTP 413)
+    kb_embedder: Any = None                 # an embedder (.name, .encode) used by every KB instead of its own model
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -51,8 +55,15 @@ class ServerSettings:
 # ------------------------------------------------------------------------------------------------------------
 
 class _Edge:
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, metrics: Metrics, upload_limit: int = 0):
+        self.app, self.limit, self.metrics, self.upload_limit = app, limit, metrics, upload_limit
+
+    def _limit(self, scope) -> tuple:
+        """(bytes, the 413's message) for this request: KB uploads have their own limit."""
+        if self.upload_limit and scope.get("method") == "POST" and kb_routes.UPLOAD_PATH.match(scope.get("path", "")):
+            return (self.upload_limit + kb_routes.MULTIPART_OVERHEAD,
+                    f"the upload exceeds {self.upload_limit / 2**20:g} MB (--kb-max-upload-mb)")
+        return self.limit, f"request body exceeds {self.limit} bytes"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -67,14 +78,15 @@ class _Edge:
 
         headers = dict(scope.get("headers") or [])
         cl = headers.get(b"content-length")
+        limit, message = self._limit(scope)
         too_big = False
         if cl is not None:
             try:
-                too_big = int(cl) > self.limit
+                too_big = int(cl) > limit
             except ValueError:
                 too_big = False
         if too_big:
-            await self._413(send_wrapped)
+            await self._413(send_wrapped, message)
         else:
             seen = {"n": 0}
 
@@ -82,17 +94,16 @@ class _Edge:
                 msg = await receive()
                 if msg["type"] == "http.request":
                     seen["n"] += len(msg.get("body", b""))
-                    if seen["n"] > self.limit:
-                        raise APIError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+                    if seen["n"] > limit:
+                        raise APIError(413, message, code="request_too_large")
                 return msg
 
             await self.app(scope, receive_limited, send_wrapped)
         if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"):
             self.metrics.request(path, status["code"])
 
-    async def _413(self, send):
-        body = json.dumps(APIError(413, f"request body exceeds {self.limit} bytes",
-                                   code="request_too_large").body()).encode()
+    async def _413(self, send, message: str):
+        body = json.dumps(APIError(413, message, code="request_too_large").body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -109,6 +120,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     cache_mb=settings.cache_mb, prefill_chunk=settings.prefill_chunk, ptuning=pipe.ptuning)
     tok, fmt = pipe.tokenizer, pipe.chat_format
     started = int(time.time())
+    kbs = kb_routes.KBRegistry(settings.knowledge_bases, settings.kb_embedder, settings.kb_max_upload_bytes)
 
     from contextlib import asynccontextmanager
 
@@ -117,10 +129,12 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         engine.start()
         yield
         engine.shutdown()
+        kbs.close()
 
     app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
                   description=f"OpenAI-compatible server for {settings.model_id}")
     app.state.engine, app.state.metrics, app.state.settings, app.state.pipe = engine, metrics, settings, pipe
+    app.state.knowledge_bases = kbs
 
     # --- errors: always OpenAI's shape ------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -322,16 +336,24 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         auth(request)
         r = schemas.parse(schemas.ChatRequest, await request.body())
         adapter = check_model(r.model)
+        include_usage = bool((r.stream_options or {}).get("include_usage"))
+        kbq = kbc = None
+        if kb_routes.wants_kb(r):               # answered from a knowledge base: the prompt holds its chunks
+            r, kbq = kb_routes.kb_query(kbs, r)
         if r.max_completion_tokens is not None:
             params = sampling(r, r.max_completion_tokens, "max_completion_tokens")
         else:
             params = sampling(r, r.max_tokens)
+        if kbq is not None:
+            kbc = await kbq.prepare(pipe, params.max_new_tokens)
+            if kbc.messages is None:
+                return kb_routes.refusal(r, kbc, include_usage, sse)
         tools, tool_choice = r.tools, r.tool_choice
         if tools is None and r.functions:                                  # legacy functions API
             tools = [{"type": "function", "function": f} for f in r.functions]
             fc = r.function_call
             tool_choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
-        messages = [m.model_dump(exclude_none=True) for m in r.messages]
+        messages = kbc.messages if kbc else [m.model_dump(exclude_none=True) for m in r.messages]
         try:
             if settings.trim_history:               # as the Pipeline: drop the oldest turns that do not fit
                 prompt = render_within(fmt, messages, pipe.prompt_budget(params), tools=tools,
@@ -352,7 +374,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         ereq, q = submit(prompt.ids, params, constraint, k, adapter)
         ans = AnswerText(tok, prompt, params.stop)
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        include_usage = bool((r.stream_options or {}).get("include_usage"))
+        sources = {"sources": kbc.sources()} if kbc else {}
 
         def chunk(delta, finish=None, lps=None) -> dict:
             c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": r.model,
@@ -371,7 +393,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     elif item[0] == "tool":
                         yield sse(chunk({"tool_calls": [_tool_delta(item[1])]}))
                     else:
-                        yield sse(chunk({}, item[1], lps=item[2] if k is not None else None))
+                        yield sse({**chunk({}, item[1], lps=item[2] if k is not None else None), **sources})
             return event_stream(chunks(), ereq, {"id": cid, "object": "chat.completion.chunk", "created": created,
                                                  "model": r.model, "choices": []}
                                 if include_usage else None)
@@ -384,7 +406,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         return {"id": cid, "object": "chat.completion", "created": created, "model": r.model,
                 "choices": [{"index": 0, "message": msg, "logprobs": {"content": lps} if k is not None else None,
                              "finish_reason": reason}],
-                "usage": usage_of(ereq.stats)}
+                "usage": usage_of(ereq.stats), **sources}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -485,7 +507,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         return {"response": response, "history": [list(p) for p in r.history] + [[r.prompt, response]],
                 "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    edge = _Edge(app, settings.max_body_bytes, metrics)
+    kb_routes.install(app, kbs, auth)
+    edge = _Edge(app, settings.max_body_bytes, metrics, settings.kb_max_upload_bytes if kbs.kbs else 0)
     edge.fastapi, edge.engine = app, engine
     return edge
 

@@ -79,6 +79,22 @@ class LegacyRequest(_Strict):
     temperature: Optional[float] = Field(None, ge=0)
 
 
+class KBSearchRequest(_Strict):
+    """POST /v1/knowledge_bases/{name}/search."""
+    query: str
+    top_k: Optional[int] = Field(None, ge=1, le=100)
+    score_threshold: Optional[float] = Field(None, ge=0, le=1)
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings (OpenAI's shape; `model` names a knowledge base or its embedding model)."""
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Optional[str] = None
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+
+
 def parse(model_cls, body: bytes):
     """Raw body -> validated request, or APIError(400) naming the first offending field."""
     if not body.strip():
