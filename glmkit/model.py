@@ -368,7 +368,7 @@ class GLM(nn.Module):
         return self.head(x)
 
     def lm_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                chunk_bytes: int = 32 << 20) -> torch.Tensor:
+                chunk_bytes: int = 128 << 20) -> torch.Tensor:
         """Summed cross-entropy (fp32) of the head over hidden states x [B, T, C] against targets [B, T].
         Only positions with a target go through the head, a chunk of rows at a time: the [B, T, V] logits
         (V = 65024: 133 MB a copy at 512 tokens, and softmax and gradient make several) never exist whole, and
