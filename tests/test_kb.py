@@ -540,3 +540,74 @@ def test_cli_list_remove_and_errors(tmp_path, capsys):
     assert main(["kb", "search", str(tmp_path / "nowhere"), "x"]) == 1
     assert "no knowledge base" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the fast segmenter; `glmkit kb` without torch
+# ------------------------------------------------------------------------------------------------------------
+
+@needs_docs
+def test_rjieba_segments_word_for_word_as_jieba(docs_kb):
+    """retrieve.py uses rjieba (jieba-rs) when it is installed: the stored tokens must be jieba's exactly, so a KB
+    built with one and searched with the other finds the same chunks."""
+    rjieba = pytest.importorskip("rjieba", reason="rjieba (the fast segmenter) is not installed")
+    import unicodedata
+
+    import jieba
+    jieba.initialize()
+    run = re.compile(f"[{retrieve._CJK_CHARS}]{{2,}}")
+    runs = set()
+    for c in docs_kb.store.iter_chunks():
+        runs.update(run.findall(unicodedata.normalize("NFKC", c.text).lower()))
+    runs.update(["中华人民共和国成立了", "研究生命的起源", "結婚的和尚未結婚的", "𠀀𠀁中文㐀字"])
+    assert len(runs) > 1000
+    assert [r for r in sorted(runs) if rjieba.cut_for_search(r, False) != list(jieba.dt.cut_for_search(r, HMM=False))
+            ] == []
+
+
+def test_tokenize_is_the_same_with_either_segmenter(monkeypatch):
+    pytest.importorskip("rjieba", reason="rjieba (the fast segmenter) is not installed")
+    texts = ["如何安装Debian软件包？The files' paths: path.join()", "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+             "对多语言键\n盘输入的支持", "ＡＢＣ　全角，和 ﬁle 连字"]
+    monkeypatch.delenv("GLMKIT_KB_SEGMENTER", raising=False)
+    monkeypatch.setattr(retrieve, "_segment", None)
+    monkeypatch.setattr(retrieve, "_CJK_CACHE", {})
+    fast = [retrieve.tokenize(t) for t in texts]
+    assert retrieve.SEGMENTER == "rjieba"
+    monkeypatch.setenv("GLMKIT_KB_SEGMENTER", "jieba")
+    monkeypatch.setattr(retrieve, "_segment", None)
+    monkeypatch.setattr(retrieve, "_CJK_CACHE", {})
+    assert [retrieve.tokenize(t) for t in texts] == fast and retrieve.SEGMENTER == "jieba"
+    assert [retrieve.tokenize(t) for t in texts] == fast                      # from the caches: the same again
+
+
+NO_TORCH_PROBE = """
+import json, runpy, sys
+sys.argv = ["glmkit", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("glmkit", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "imported": [m for m in ("torch", "glmkit.checkpoint") if m in sys.modules]}),
+      file=sys.stderr)
+"""
+
+
+def test_cli_kb_search_does_not_import_torch(tmp_path):
+    """`glmkit kb search` (and its errors) never load a model, so they must not pay for importing torch."""
+    (tmp_path / "a.txt").write_text("猫喜欢吃鱼。\n\nThe okapi lives in the rainforest.\n", encoding="utf-8")
+    with KnowledgeBase.open(tmp_path / "kb") as kb:
+        kb.add([str(tmp_path / "a.txt")], progress=False)
+
+    def probe(*args):
+        r = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *map(str, args)], capture_output=True, text=True,
+                           env=ENV, cwd=ROOT, timeout=120)
+        return r, json.loads(r.stderr.strip().splitlines()[-1])
+
+    r, got = probe("kb", "search", tmp_path / "kb", "okapi", "--json")
+    assert got == {"code": 0, "imported": []}, r.stderr
+    assert json.loads(r.stdout)[0]["text"].startswith("猫喜欢吃鱼")
+    r, got = probe("kb", "search", tmp_path / "nowhere", "okapi")
+    assert got == {"code": 1, "imported": []} and "error" not in r.stdout
+    assert "no knowledge base" in r.stderr

@@ -23,9 +23,9 @@ def add_arguments(p):
     g.add_argument("--kb", metavar="KB", default=None,
                    help="answer every turn from this knowledge base (see glmkit kb): retrieved chunks in the "
                         "prompt, numbered sources after each answer, the fixed refusal when nothing matches")
-    g.add_argument("--kb-top-k", type=int, default=None, metavar="K", help="chunks per answer (default 3)")
+    g.add_argument("--kb-top-k", type=int, default=None, metavar="K", help="chunks per answer (default 5)")
     g.add_argument("--score-threshold", type=float, default=None, metavar="S",
-                   help="with --kb: drop chunks scoring below S, 0..1 (default 0.2)")
+                   help="with --kb: drop chunks scoring below S, 0..1 (default 0.08)")
 
 
 def _kb_turn(kb, args, pipe, line, history, kw):

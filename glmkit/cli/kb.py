@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   glmkit chat --kb my-kb --model ~/models/chatglm3-6b
 
 Files: .txt .md .html .pdf .docx .jsonl .json. Scores are 0..1 in every retrieval mode (0.4: an average chunk
-holding each word of the question once); hits below --score-threshold (default 0.2) are dropped, and when none
+holding each word of the question once); hits below --score-threshold (default 0.08) are dropped, and when none
 is left `kb ask` answers "根据已知信息无法回答该问题。" / "The knowledge base has no answer to that." without
 running the model."""
 
@@ -80,9 +80,9 @@ def add_arguments(p):
 
 
 def _add_retrieval_args(sp):
-    sp.add_argument("--top-k", "-k", type=int, default=None, metavar="K", help="at most K chunks (default 3)")
+    sp.add_argument("--top-k", "-k", type=int, default=None, metavar="K", help="at most K chunks (default 5)")
     sp.add_argument("--score-threshold", "-s", type=float, default=None, metavar="S",
-                    help="drop chunks scoring below S, 0..1 (default 0.2; 0 keeps every chunk sharing a word)")
+                    help="drop chunks scoring below S, 0..1 (default 0.08; 0 keeps every chunk sharing a word)")
 
 
 def run(args) -> int:

@@ -49,14 +49,25 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         p.print_help()
         return 2
-    from ..chat_format import ChatFormatError
-    from ..checkpoint import CheckpointError
-    from ..tokenizer import TokenizerError
-
     try:
         return args._run(args) or 0
-    except (CheckpointError, TokenizerError, ChatFormatError, ValueError, RuntimeError) as e:
-        print(f"glmkit {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:                                  # noqa: BLE001 (re-raised unless a user error)
+        if not isinstance(e, _user_errors()):
+            raise
+        print(f"glmkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+# The errors printed as "glmkit CMD: error: ..." (exit status 1) instead of a traceback: each module's own error
+# class, looked up only when something was raised and only in modules already imported (an error of a module that
+# was never imported cannot have been raised). So a command that never loads a model (glmkit kb ...) does not
+# import glmkit.checkpoint, and with it torch, just to name its error class.
+_ERROR_CLASSES = (("glmkit.checkpoint", "CheckpointError"), ("glmkit.tokenizer", "TokenizerError"),
+                  ("glmkit.chat_format", "ChatFormatError"))
+
+
+def _user_errors() -> tuple:
+    found = [getattr(sys.modules[m], name, None) for m, name in _ERROR_CLASSES if m in sys.modules]
+    return (ValueError, RuntimeError, *(c for c in found if isinstance(c, type)))

@@ -3,9 +3,11 @@ reciprocal rank, all scores on one scale.
 
 Tokens (tokenize): NFKC + lower case; line breaks inside Chinese text joined (hard-wrapped files split words);
 CJK runs segmented by jieba (cut_for_search, no HMM: compound words also give their parts, e.g. 软件包 -> 软件,
-软件包), Latin words kept whole and, when compound (path.join, utf-8), also as their parts, a plural "s" dropped;
-short stop-word lists (the, of, 的, 如何, 什么...) left out. The tokens of every chunk are computed once, at
-ingest, and stored: the index is rebuilt from them without re-segmenting anything.
+软件包; done by rjieba, jieba's algorithm and dictionary in Rust with the same output, when it is installed),
+Latin words kept whole and, when compound (path.join, utf-8), also as their parts, a plural "s" dropped; short
+stop-word lists (the, of, 的, 如何, 什么...) left out. Each distinct run is worked out once per process (cached).
+The tokens of every chunk are computed once, at ingest, and stored: the index is rebuilt from them without
+re-segmenting anything.
 
 The score, in every mode, is a number in [0, 1], higher is better; a chunk with nothing in common with the
 question (score 0) is never returned, and score_threshold drops hits below it:
@@ -39,8 +41,10 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-TOP_K = 3                       # chunks given to the model; langchain-ChatGLM's VECTOR_SEARCH_TOP_K is 3-5
-SCORE_THRESHOLD = 0.2           # hits below it are dropped; when none is left, ask() refuses to answer
+TOP_K = 5                       # chunks given to the model (benchmarks/kb_eval.py: hit@5 0.93 vs hit@3 0.88)
+SCORE_THRESHOLD = 0.08          # hits below it are dropped; when none is left, ask() refuses to answer
+                                # (kb_eval.py: drops the right chunk of 1 question in 152, refuses half of
+                                # off-topic ones; 0.2 dropped 29% of the right chunks)
 K1, B = 1.5, 0.75               # bm25s defaults (Lucene variant)
 RRF_K = 60                      # reciprocal rank fusion constant (Cormack et al. 2009)
 TOKENIZER_VERSION = "1"         # part of each file's signature: a new tokenizer re-tokenizes files on next add
@@ -59,7 +63,8 @@ STOP_ZH = frozenset("""的 了 是 在 和 与 及 或 也 都 就 而 被 把 �
 那些 什么 怎么 怎样 如何 为什么 吗 呢 吧 啊 哪 哪些 哪个 我 你 他 她 它 我们 你们 他们 请问 请 可以 能 会
 要 有 没有 一个 一些 使用 用""".split())
 
-_jieba = None
+_segment = None                 # CJK run -> its words (cut_for_search, no HMM), set by _segmenter()
+SEGMENTER = None                # "rjieba" or "jieba": which implementation _segment uses
 
 
 def need(module: str):
@@ -73,15 +78,28 @@ def need(module: str):
 
 
 def _segmenter():
-    global _jieba
-    if _jieba is None:
+    """-> segment(run): jieba's cut_for_search(run, HMM=False) of a CJK run, as a list. rjieba (jieba-rs: jieba's
+    dictionary and algorithm in Rust, word for word the same output, about 7x faster) when it is installed, else
+    jieba itself; GLMKIT_KB_SEGMENTER=jieba forces jieba."""
+    global _segment, SEGMENTER
+    if _segment is None:
+        if os.environ.get("GLMKIT_KB_SEGMENTER", "").lower() != "jieba":
+            try:
+                import rjieba
+            except ImportError:
+                rjieba = None
+            if rjieba is not None:
+                cut = rjieba.cut_for_search
+                _segment, SEGMENTER = (lambda run: cut(run, False)), "rjieba"
+                return _segment
         import logging
 
         jieba = need("jieba")
         jieba.setLogLevel(logging.WARNING)         # "Building prefix dict..." on every first use
         jieba.initialize()
-        _jieba = jieba.dt
-    return _jieba
+        dt = jieba.dt
+        _segment, SEGMENTER = (lambda run: list(dt.cut_for_search(run, HMM=False))), "jieba"
+    return _segment
 
 
 def _stem(w: str) -> str:
@@ -93,35 +111,66 @@ def _stem(w: str) -> str:
     return w
 
 
-_CJK_CACHE: dict = {}            # CJK run -> its words: runs (between punctuation) repeat a lot in real text
+# A run (a CJK run between punctuation, or a Latin word) -> its tokens. Runs repeat a lot in real text (and every
+# overlap repeats whole sentences), so each is worked out once: CJK runs in one cache (bounded: mostly distinct),
+# words of other scripts in another (a vocabulary: small, and hot).
+_CJK_CACHE: dict = {}
 _CJK_CACHE_MAX = 200_000
+_WORD_CACHE: dict = {}
+_WORD_CACHE_MAX = 500_000
 
 
-def _cjk_words(run: str) -> list:
-    words = _CJK_CACHE.get(run)
-    if words is None:
-        cut = _segmenter().cut_for_search(run, HMM=False) if len(run) > 1 else (run,)
-        words = [w for w in cut if w not in STOP_ZH]
+def _word_tokens(s: str) -> list:
+    """A word of letters/digits (maybe compound: path.join, utf-8) -> its tokens: itself and its parts, stop
+    words and single letters left out, plurals stemmed."""
+    parts = _PARTS.split(s) if _PARTS.search(s) else ()
+    return [_stem(w) for w in (s, *parts) if w and w not in STOP_EN and (len(w) > 1 or w.isdigit())]
+
+
+# The full-width punctuation of Chinese text that NFKC rewrites (chunks come from split.normalize with everything
+# else already in NFKC): replaced first, the text usually passes NFKC's quick check and is not normalised again.
+# Replacing a character by its compatibility decomposition does not change what NFKC makes of the text.
+_FULLWIDTH = (("，", ","), ("：", ":"), ("；", ";"), ("！", "!"), ("？", "?"), ("（", "("), ("）", ")"), ("…", "..."))
+
+
+def _nfkc(text: str) -> str:
+    if text.isascii() or unicodedata.is_normalized("NFKC", text):      # NFKC leaves ASCII as it is
+        return text
+    for a, b in _FULLWIDTH:
+        text = text.replace(a, b)
+    return text if unicodedata.is_normalized("NFKC", text) else unicodedata.normalize("NFKC", text)
+
+
+def _learn(s: str) -> tuple:
+    """The tokens of a run not seen before, cached (tuples: the garbage collector stops tracking them)."""
+    if _IS_CJK.match(s):
+        cut = (_segment or _segmenter())(s) if len(s) > 1 else (s,)
+        toks = tuple(cut) if STOP_ZH.isdisjoint(cut) else tuple(w for w in cut if w not in STOP_ZH)
         if len(_CJK_CACHE) >= _CJK_CACHE_MAX:
             _CJK_CACHE.clear()
-        _CJK_CACHE[run] = words
-    return words
+        _CJK_CACHE[s] = toks
+    else:
+        toks = tuple(_word_tokens(s))
+        if len(_WORD_CACHE) >= _WORD_CACHE_MAX:
+            _WORD_CACHE.clear()
+        _WORD_CACHE[s] = toks
+    return toks
 
 
 def tokenize(text: str) -> list:
     """Text -> BM25 tokens (see the module docstring). The same function for chunks and queries."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _WRAPPED.sub("", text)
-    out = []
-    for m in _RUNS.finditer(text):
-        s = m.group()
-        if _IS_CJK.match(s):
-            out += _cjk_words(s)
-            continue
-        parts = _PARTS.split(s) if _PARTS.search(s) else ()
-        for w in (s, *parts):
-            if w and w not in STOP_EN and (len(w) > 1 or w.isdigit()):
-                out.append(_stem(w))
+    text = _nfkc(text).lower()
+    if "\n" in text:
+        text = _WRAPPED.sub("", text)
+    words, cjk = _WORD_CACHE, _CJK_CACHE
+    out: list = []
+    for s in _RUNS.findall(text):
+        toks = words.get(s)
+        if toks is None:
+            toks = cjk.get(s)
+            if toks is None:
+                toks = _learn(s)
+        out += toks
     return out
 
 
