@@ -373,13 +373,18 @@ def test_state_roundtrip_disable_and_per_row_adapters():
         assert (m2(ids) - ya).abs().max() < 1e-6
 
 
-def test_merge_float_then_quantize_and_refuse_a_quantized_base(tmp_path):
+def trained_lora():
+    """-> (a small model with a rank-4 LoRA on every layer, non-zero B; a batch; its logits)."""
     m = small()
     apply_lora(m, 4, 8, targets="all", seed=0)
     randomize_b(m)
     ids = batch()
     with torch.no_grad():
-        want = m(ids)
+        return m, ids, m(ids)
+
+
+def test_merge_float_then_quantize_and_refuse_a_quantized_base(tmp_path):
+    m, ids, want = trained_lora()
     merge_lora(m)
     with torch.no_grad():
         assert (m(ids) - want).abs().max() < 1e-4
@@ -410,12 +415,7 @@ def test_merge_into_a_tied_output_unties_it():
 
 
 def test_our_folder_roundtrip_and_peft_key_spellings(tmp_path):
-    m = small()
-    apply_lora(m, 4, 8, targets="all", seed=0)
-    randomize_b(m)
-    ids = batch()
-    with torch.no_grad():
-        want = m(ids)
+    m, ids, want = trained_lora()
     for layout in ("chatglm2", "glm_hf"):
         save_peft_lora(m, tmp_path / layout, layout, base_name="x")
         assert is_peft_folder(tmp_path / layout)

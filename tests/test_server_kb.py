@@ -14,6 +14,7 @@ import pytest
 
 from conftest import SHARED
 from _server_util import running_server
+from test_kb import HashEmbedder  # the same stand-in dense model
 
 pytest.importorskip("bm25s", reason="glmkit kb needs bm25s (pip install 'glmkit[kb]')")
 pytest.importorskip("jieba", reason="glmkit kb needs jieba (pip install 'glmkit[kb]')")
@@ -29,20 +30,6 @@ NOTE = ("# Zorblax manual\n\n## Overview\n\nOverview text.\n\n## Settings\n\n"
         "## Other\n\nUnrelated closing words.\n")
 
 
-class HashEmbedder:
-    """A stand-in dense model (as in test_kb.py): character bigrams hashed into 64 dimensions, normalised."""
-    name = "hash-embedder"
-
-    def encode(self, texts):
-        import zlib
-
-        import numpy as np
-        out = np.zeros((len(texts), 64), dtype=np.float32)
-        for i, t in enumerate(texts):
-            t = t.lower()
-            for a, b in zip(t, t[1:]):
-                out[i, zlib.crc32((a + b).encode()) % 64] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterable, Optional, Sequence
 
-from .store import HEADING_SEP, FileRecord, IndexData, Location, Store, StoredChunk, StoreError
+from .store import HEADING_SEP, FileRecord, IndexData, Store, StoredChunk, StoreError, _chunk_of
 
 SCHEMA_VERSION = "1"
 URI_PREFIXES = ("postgresql://", "postgres://")
@@ -171,13 +171,6 @@ def _msg(e) -> str:
 
 _CHUNK_COLS = "c.id, f.source, c.seq, c.text, c.heading, c.unit, c.loc_start, c.loc_end, c.tokens, c.vector"
 _FILE_COLS = "source, path, sha256, signature, size, chars, chunks, added"
-
-
-def _chunk_of(row) -> StoredChunk:
-    cid, source, seq, text, heading, unit, a, b, tokens, vector = row
-    return StoredChunk(text=text, heading=tuple(heading.split(HEADING_SEP)) if heading else (),
-                       location=Location(unit, a, b), tokens=tokens, vector=vector, id=cid, source=source,
-                       seq=seq)
 
 
 class PgStore(Store):
