@@ -9,7 +9,6 @@ Knowledge bases (--kb): kb_routes.py (chat with "knowledge_base", files, search,
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from ..engine import Engine, QueueFull, Sequence
 from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
 from ..sampling import SamplingParams
 from . import kb_routes, schemas
+from .access import Access
 from .metrics import Metrics
 from .schemas import APIError
 
@@ -48,6 +48,7 @@ class ServerSettings:
     knowledge_bases: tuple = ()             # KB directories (--kb), served by their directories' names
     kb_max_upload_bytes: int = 50 << 20     # largest upload into a KB (--kb-max-upload-mb; larger: HTTP 413)
     kb_embedder: Any = None                 # an embedder (.name, .encode) used by every KB instead of its own model
+    access: Any = None                      # access.Access (keys, key file, rate limit); None: from api_key
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,15 +155,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
 
+    access = settings.access or Access.of(settings.api_key)
+
     def auth(request: Request):
-        if not settings.api_key:
-            return
-        h = request.headers.get("authorization", "")
-        given = h[7:].strip() if h[:7].lower() == "bearer " else ""
-        if not given:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY'", code="missing_api_key")
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
+        access.check(request)                   # 401 / 429 (access.py: keys, key file, --rate-limit)
 
     served = [settings.model_id, *settings.adapters]
 
