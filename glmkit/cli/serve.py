@@ -100,8 +100,11 @@ def run(args) -> int:
     access = _access(args)
     from .common import split_adapters
     _, named = split_adapters(args.adapter, named_ok=True)
+    from ..store import is_name
+    given = args.model
     pipe = load_pipeline(args, named_adapters=True)
-    model_id = args.model_name or Path(args.model).expanduser().resolve().name
+    model_id = args.model_name or (given if given and is_name(given)
+                                   else Path(args.model).expanduser().resolve().name)
     for name, folder in named.items():              # LoRAs beside the base, each answering model NAME
         if name == model_id:
             raise ValueError(f"--adapter {name}=...: that is the base model's own name")

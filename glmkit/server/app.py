@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import store
 from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
 from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
@@ -162,6 +163,14 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
 
     served = [settings.model_id, *settings.adapters]
 
+    def held_models() -> list[dict]:
+        """What this server holds (store.held: generation, size on disk, quantization); also for /api/tags."""
+        adapters = {a: getattr(pipe, "named_adapters", {}).get(a) for a in settings.adapters}
+        return store.held(settings.model_id, pipe.path, {k: v for k, v in adapters.items() if v} or None) + \
+            [{"id": a, "name": a, "parent": settings.model_id} for a, v in adapters.items() if not v]
+
+    app.state.held_models = held_models
+
     def check_model(name: str) -> Optional[str]:
         """The request's model id -> the LoRA adapter that answers it (None: the model as loaded)."""
         if name == settings.model_id:
@@ -302,11 +311,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         auth(request)
-        data = [{"id": settings.model_id, "object": "model", "created": started, "owned_by": "glmkit",
-                 "context_length": pipe.ctx}]
-        data += [{"id": a, "object": "model", "created": started, "owned_by": "glmkit", "context_length": pipe.ctx,
-                  "parent": settings.model_id} for a in settings.adapters]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_openai_model(h, started, pipe.ctx) for h in held_models()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(model_id: str, request: Request):
@@ -507,6 +512,17 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     edge = _Edge(app, settings.max_body_bytes, metrics, settings.kb_max_upload_bytes if kbs.kbs else 0)
     edge.fastapi, edge.engine = app, engine
     return edge
+
+
+def _openai_model(h: dict, created: int, ctx: int) -> dict:
+    """A store.held() entry in GET /v1/models' shape (OpenAI's fields, then glmkit's)."""
+    m = {"id": h["id"], "object": "model", "created": created, "owned_by": "glmkit", "context_length": ctx}
+    if h.get("parent"):
+        m["parent"] = h["parent"]
+    for k in ("generation", "quantization", "size_bytes"):
+        if k in h:
+            m[k] = h[k]
+    return m
 
 
 def _tool_delta(ev) -> dict:
