@@ -173,6 +173,9 @@ def resolve(value, kind: str = "model") -> str:
         found = _loadable(entry)
         if found is not None:
             return str(found[1])
+        if not Path(value).exists():
+            raise StoreError(f"--{kind} {value}: the store's folder {entry} holds neither a model (config.json + "
+                             "weights) nor an adapter (nor a finetune run's model/ or adapter/)")
     if Path(value).exists():
         return value
     raise StoreError(f"--{kind} {value}: no {kind} named {value!r} in the store {models_dir()} (${ENV}; "

@@ -101,6 +101,10 @@ def test_finetune_run_folder_is_an_entry(tmp_path, monkeypatch):
     [e] = store.list_models()
     assert (e.name, e.kind, e.path) == ("ads", "adapter", str(run / "adapter"))
     assert store.resolve("ads", "adapter") == str(run / "adapter")
+    (root / "half-copied").mkdir()                                  # neither a model nor an adapter: said so
+    with pytest.raises(store.StoreError, match="holds neither a model"):
+        store.resolve("half-copied")
+    assert [e.name for e in store.list_models()] == ["ads"]
 
 
 def test_merge_out_name_and_v1_models(root):
