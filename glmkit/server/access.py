@@ -61,6 +61,8 @@ class KeyRing:
         self.key_file = Path(key_file).expanduser() if key_file else None
         self._from_file: tuple = ()
         self._lock = threading.Lock()
+        self._table: dict = {}
+        self._table_of: Optional[tuple] = None
         if self.key_file is not None:
             self._from_file = tuple(read_key_file(self.key_file))      # at startup a bad file is an error
 
@@ -87,12 +89,14 @@ class KeyRing:
         return len(keys)
 
     def match(self, given: str) -> Optional[str]:
-        """The key equal to `given` (compared in constant time against every key), or None."""
-        found = None
-        for k in self.keys():
-            if hmac.compare_digest(given.encode(), k.encode()):
-                found = k
-        return found
+        """The key equal to `given`, or None: looked up by its SHA-256 digest (so the time taken says nothing
+        about how much of a key was right, however many keys there are), then compared in constant time."""
+        keys = self.keys()
+        if keys != self._table_of:
+            self._table = {hashlib.sha256(k.encode()).digest(): k for k in keys}
+            self._table_of = keys
+        k = self._table.get(hashlib.sha256(given.encode()).digest())
+        return k if k is not None and hmac.compare_digest(given.encode(), k.encode()) else None
 
 
 class RateLimiter:
