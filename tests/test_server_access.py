@@ -49,7 +49,7 @@ class Server:
         self.client = httpx.Client(base_url=self.base, verify=self.verify, timeout=60)
         self.proc = subprocess.Popen(GLMKIT + ["serve", "--port", str(self.port), *map(str, flags)], env=ENV,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300              # a loaded 2-core machine can take minutes
         while True:
             try:
                 if self.client.get("/health").status_code == 200:
