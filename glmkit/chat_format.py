@@ -15,6 +15,7 @@ a leading system message is prepended to the last user message.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import uuid
@@ -197,13 +198,30 @@ class ChatFormat:
     def stop_ids(self) -> list[int]:
         return [self.tok.eos_id]
 
-    def render(self, messages, tools=None, tool_choice=None) -> Prompt:
+    def render(self, messages, tools=None, tool_choice=None, allow_special: bool = False) -> Prompt:
+        """allow_special=False (the default, and what the server always uses): every text inside a message
+        (contents of every role, tool results, tool definitions, names, metadata) is encoded as text, so
+        "<|assistant|>" or "[gMASK]" written in it never becomes a control token. allow_special=True: texts are
+        encoded as the official code encodes them (ChatGLM-6B and GLM-4 then read special-token text as the
+        special token; ChatGLM2/3's official tokenizer never does)."""
         msgs = normalize_messages(messages)
         tools = normalize_tools(tools)
         if tools and not self.supports_tools:
             raise ChatFormatError(f"{self.family} has no tool calling; use ChatGLM3-6B or GLM-4")
         tools, forced = _tool_choice(tool_choice, tools) if tools else ([], None)
-        return Prompt(ids=self._render(msgs, tools, forced), tools=tools, forced_tool=forced)
+        fmt = self
+        if allow_special:                                # a copy: the format object is shared between threads
+            fmt = copy.copy(self)
+            fmt._allow_special = True
+        return Prompt(ids=fmt._render(msgs, tools, forced), tools=tools, forced_tool=forced)
+
+    _allow_special = False
+
+    def _text(self, text: str) -> list[int]:
+        """Text of a message -> ids: plain text, or (allow_special) as the official tokenizer's encode()."""
+        if self._allow_special:
+            return self.tok.encode(text, add_special_tokens=False) if text else []
+        return self.tok.encode_plain(text)
 
     def _render(self, msgs, tools, forced) -> list[int]:
         raise NotImplementedError
@@ -238,6 +256,17 @@ class _RoundFormat(ChatFormat):
         history = [(merged[i]["content"], merged[i + 1]["content"]) for i in range(0, len(merged) - 1, 2)]
         return history, system + merged[-1]["content"]
 
+    def _whole(self, prompt: str) -> list[int]:
+        """The official code encodes the whole round text with encode(), which reads special-token text in
+        it; without allow_special it is encoded as plain text (the same ids for text without such tokens),
+        followed by what encode() adds: [gMASK] <sop> (ChatGLM-6B) / [gMASK] sop before it (ChatGLM2-6B)."""
+        t = self.tok
+        if self._allow_special:
+            return t.encode(prompt)
+        if self.family == "chatglm":
+            return t.encode_plain(prompt) + [t.token_id("[gMASK]"), t.token_id("<sop>")]
+        return [t.token_id("[gMASK]"), t.token_id("sop")] + t.encode_plain(prompt)
+
 
 class ChatGLM6BFormat(_RoundFormat):
     family = "chatglm"
@@ -251,7 +280,7 @@ class ChatGLM6BFormat(_RoundFormat):
         else:
             prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
             prompt += f"[Round {len(history)}]\n问：{query}\n答："
-        return self.tok.encode(prompt)
+        return self._whole(prompt)
 
 
 class ChatGLM2Format(_RoundFormat):
@@ -261,7 +290,7 @@ class ChatGLM2Format(_RoundFormat):
         history, query = self._pairs(msgs)
         prompt = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history))
         prompt += f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
-        return self.tok.encode(prompt)
+        return self._whole(prompt)
 
 
 class _RoleFormat(ChatFormat):
@@ -298,7 +327,7 @@ class ChatGLM3Format(_RoleFormat):
 
     def _msg(self, role: str, metadata: str, content: str) -> list[int]:
         t = self.tok
-        return [t.token_id(f"<|{role}|>")] + t.encode_plain(f"{metadata}\n") + t.encode_plain(content)
+        return [t.token_id(f"<|{role}|>")] + self._text(f"{metadata}\n") + self._text(content)
 
     def _render(self, msgs, tools, forced):
         t = self.tok
@@ -320,7 +349,7 @@ class ChatGLM3Format(_RoleFormat):
                 ids += self._msg(role, m["metadata"], content)
         ids.append(t.token_id("<|assistant|>"))
         if forced:
-            ids += t.encode_plain(f"{forced}\n")
+            ids += self._text(f"{forced}\n")
         return ids
 
 
@@ -354,7 +383,7 @@ class GLM4Format(_RoleFormat):
         def add(role: str, metadata: str, content: str):
             if content:                                  # the template skips empty messages
                 ids.append(t.token_id(f"<|{role}|>"))
-                ids.extend(t.encode_plain(f"{metadata}\n{content}"))
+                ids.extend(self._text(f"{metadata}\n{content}"))
 
         msgs = self._messages_with_tools(msgs, tools)
         if msgs and msgs[0].get("tools") and msgs[0]["content"] == self.default_tool_system:
@@ -362,7 +391,7 @@ class GLM4Format(_RoleFormat):
         for m in msgs:
             if m.get("tools"):
                 ids.append(t.token_id("<|system|>"))
-                ids.extend(t.encode_plain("\n" + self._tools_text(m["tools"])))
+                ids.extend(self._text("\n" + self._tools_text(m["tools"])))
             role, content = m["role"], m["content"]
             if role == "tool":
                 add("observation", "", content)
@@ -374,7 +403,7 @@ class GLM4Format(_RoleFormat):
                 add(role, m["metadata"], content)
         ids.append(t.token_id("<|assistant|>"))
         if forced:
-            ids += t.encode_plain(f"{forced}\n")
+            ids += self._text(f"{forced}\n")
         return ids
 
 
@@ -387,10 +416,11 @@ def format_for(tok) -> ChatFormat:
 # Context fitting
 # ------------------------------------------------------------------------------------------------------------
 
-def render_within(fmt: ChatFormat, messages, max_prompt_tokens: int, tools=None, tool_choice=None) -> Prompt:
+def render_within(fmt: ChatFormat, messages, max_prompt_tokens: int, tools=None, tool_choice=None,
+                  allow_special: bool = False) -> Prompt:
     """Render, dropping the oldest turns (never the system message) until the prompt fits max_prompt_tokens."""
     msgs = normalize_messages(messages)
-    prompt = fmt.render(msgs, tools=tools, tool_choice=tool_choice)
+    prompt = fmt.render(msgs, tools=tools, tool_choice=tool_choice, allow_special=allow_special)
     if len(prompt.ids) <= max_prompt_tokens:
         return prompt
     head = 1 if msgs[0]["role"] == "system" else 0
@@ -399,7 +429,7 @@ def render_within(fmt: ChatFormat, messages, max_prompt_tokens: int, tools=None,
     dropped = 0
     for s in starts[1:]:
         trial = msgs[:head] + msgs[s:]
-        prompt = fmt.render(trial, tools=tools, tool_choice=tool_choice)
+        prompt = fmt.render(trial, tools=tools, tool_choice=tool_choice, allow_special=allow_special)
         dropped = s - head
         if len(prompt.ids) <= max_prompt_tokens:
             prompt.dropped = dropped

@@ -317,13 +317,15 @@ class Pipeline:
 
     # --- chat --------------------------------------------------------------------------------------------
     def start_chat(self, messages, tools=None, tool_choice=None, response_format=None, logprobs: bool = False,
-                   top_logprobs: Optional[int] = None, **sampling) -> ChatRun:
+                   top_logprobs: Optional[int] = None, allow_special: bool = False, **sampling) -> ChatRun:
         """The answer as a ChatRun (iterate it for text pieces). response_format {"type": "json_object"}: the
         answer is a JSON object; logprobs: .response.logprobs gets each token's logprob and its top_logprobs
-        most likely alternatives (OpenAI's entries), of the model's distribution before sampling settings."""
+        most likely alternatives (OpenAI's entries), of the model's distribution before sampling settings.
+        Texts inside messages are encoded as text (special-token text in them stays text) unless
+        allow_special=True, which encodes them as the official code does."""
         params = self.sampling_params(**sampling)
         prompt = render_within(self.chat_format, messages, self.prompt_budget(params), tools=tools,
-                               tool_choice=tool_choice)
+                               tool_choice=tool_choice, allow_special=allow_special)
         constraint = self.constraint_for(response_format, prompt, params)
         return ChatRun(self, prompt, params, constraint=constraint,
                        logprobs=(top_logprobs or 0) if logprobs or top_logprobs else None)
@@ -331,7 +333,7 @@ class Pipeline:
     def chat(self, messages, tools=None, tool_choice=None, **options) -> ChatResponse:
         """messages (OpenAI-style dicts, or one string) -> the answer (a str with .tool_calls, .usage; .logprobs
         when asked for). Options: sampling (temperature, top_p, max_tokens, seed, stop...), response_format,
-        logprobs, top_logprobs."""
+        logprobs, top_logprobs, allow_special (see start_chat)."""
         return self.start_chat(messages, tools, tool_choice, **options).result()
 
     def stream_chat(self, messages, tools=None, tool_choice=None, **options) -> Iterator[str]:

@@ -10,7 +10,9 @@
                special tokens from 151329 on (tokenizer_config.json's added_tokens_decoder when present).
                encode() prefixes [gMASK] <sop>.
 
-encode(text) returns what the official tokenizer's encode returns (special tokens included); decode(ids)
+encode(text) returns what the official tokenizer's encode returns (special tokens included: ChatGLM-6B and GLM-4
+read special-token text such as "[gMASK]" or "<|assistant|>" as the special token, as the official ones do);
+encode_plain(text) never does, and is what the chat formats use for the texts inside messages; decode(ids)
 drops special tokens unless skip_special_tokens=False. IncrementalDecoder turns a stream of ids into text
 pieces that never end in half a UTF-8 character or half of a <|blank_N|>/<|tab|>/<n> marker.
 """
@@ -77,9 +79,10 @@ class Tokenizer:
             out.append(self._decode_plain(run))
         return "".join(out)
 
-    def apply_chat_template(self, messages, tools=None, tool_choice=None) -> list[int]:
-        """messages (+ tools) -> prompt ids ending with the generation prompt, as the official code builds them."""
-        return self.chat_format.render(messages, tools=tools, tool_choice=tool_choice).ids
+    def apply_chat_template(self, messages, tools=None, tool_choice=None, allow_special: bool = False) -> list[int]:
+        """messages (+ tools) -> prompt ids ending with the generation prompt, as the official code builds them;
+        texts inside messages are encoded as plain text unless allow_special=True (see ChatFormat.render)."""
+        return self.chat_format.render(messages, tools=tools, tool_choice=tool_choice, allow_special=allow_special).ids
 
     def decoder(self) -> "IncrementalDecoder":
         return IncrementalDecoder(self)

@@ -10,10 +10,10 @@ from typing import Optional
 
 def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", metavar="DIR",
-                   help="model folder (default: the embedded glm-tiny toy model): an official download "
-                        "(THUDM/chatglm3-6b, chatglm2-6b, chatglm-6b, "
-                        "glm-4-9b-chat[-hf]) or one written by glmkit")
+    g.add_argument("--model", "-m", metavar="NAME|DIR",
+                   help="a model of the store (glmkit models; $GLMKIT_MODELS) or a model folder (default: the "
+                        "embedded glm-tiny toy model): an official download (THUDM/chatglm3-6b, chatglm2-6b, "
+                        "chatglm-6b, glm-4-9b-chat[-hf]) or one written by glmkit")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: float32 on CPU for models under 1B parameters, "
@@ -25,8 +25,9 @@ def add_model_args(p: argparse.ArgumentParser):
                         "a 6B model in ~3.5 GB (int4) or ~6.5 GB (int8); `glmkit quantize` saves the result")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch and the quantized kernels (default: all cores)")
-    g.add_argument("--adapter", metavar="DIR", default=None, action="append",
-                   help="a fine-tuned adapter for this base: a PEFT LoRA folder or an official P-tuning v2 folder "
+    g.add_argument("--adapter", metavar="NAME|DIR", default=None, action="append",
+                   help="a fine-tuned adapter for this base (a name of the store, or a folder): a PEFT LoRA folder "
+                        "or an official P-tuning v2 folder "
                         "(as glmkit finetune, peft, LLaMA-Factory or the official scripts write them); serve also "
                         "takes several LoRAs as NAME=DIR, each answering requests for model NAME")
     g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
@@ -59,16 +60,19 @@ NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.:-]*)=(.+)$")
 
 
 def split_adapters(values, named_ok: bool = False) -> tuple[Optional[str], dict]:
-    """--adapter values -> (the one unnamed adapter folder or None, {name: folder} of the named ones)."""
+    """--adapter values -> (the one unnamed adapter folder or None, {name: folder} of the named ones); names
+    of the model store resolve to their folders."""
+    from ..store import resolve
+
     plain, named = [], {}
     for v in values or []:
         m = NAMED.match(v)
         if m and not Path(v).expanduser().exists():
             if m.group(1) in named:
                 raise ValueError(f"--adapter {m.group(1)}= is given twice")
-            named[m.group(1)] = m.group(2)
+            named[m.group(1)] = resolve(m.group(2), "adapter")
         else:
-            plain.append(v)
+            plain.append(resolve(v, "adapter"))
     if len(plain) > 1 or (named and not named_ok):
         raise ValueError("only one --adapter DIR here (glmkit serve takes several LoRAs as NAME=DIR)")
     if plain and named:
@@ -77,9 +81,12 @@ def split_adapters(values, named_ok: bool = False) -> tuple[Optional[str], dict]
 
 
 def load_pipeline(args, named_adapters: bool = False):
-    """-> Pipeline (the embedded glm-tiny when no model is given, or the guidance text if it is missing)."""
+    """-> Pipeline (the embedded glm-tiny when no model is given, or the guidance text if it is missing).
+    A bare --model NAME of the model store is read from there (args.model becomes its folder)."""
     from ..pipeline import NO_MODEL_HELP, load
+    from ..store import resolve
 
+    args.model = resolve(args.model)
     set_threads(args.threads)
     if not args.model:
         from ..models import DEFAULT_MODEL, embedded_model_path

@@ -39,7 +39,9 @@ def run(args) -> int:
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
     if not out.parent.is_dir():
         raise ValueError(f"the folder of --out ({out.parent}) does not exist")
-    res = export_gguf(Path(args.model).expanduser(), out, qtype=args.qtype, progress=sys.stderr.isatty(),
+    from ..store import resolve
+
+    res = export_gguf(Path(resolve(args.model)).expanduser(), out, qtype=args.qtype, progress=sys.stderr.isatty(),
                       name=args.name)
     print(res.summary())
     return 0

@@ -24,7 +24,8 @@ folder: peft, LLaMA-Factory and the official scripts load them) or model/ (full 
 
 def add_arguments(p):
     g = p.add_argument_group("model and method")
-    g.add_argument("--model", "-m", required=True, metavar="DIR", help="the base model folder (official or glmkit)")
+    g.add_argument("--model", "-m", required=True, metavar="NAME|DIR",
+                   help="the base model folder (official or glmkit), or a name of the model store")
     g.add_argument("--method", required=True, choices=["lora", "ptuning", "full"])
     g.add_argument("--quantize", "-q", default=None, metavar="int4|int8",
                    help="keep the base quantized and frozen while training (QLoRA; P-tuning as the official INT4 "
@@ -59,7 +60,9 @@ def add_arguments(p):
     d.add_argument("--eval-data", nargs="+", metavar="PATH", help="held-out examples: loss every --eval-every steps")
     d.add_argument("--eval-every", type=int, default=100, metavar="N")
     o = p.add_argument_group("training")
-    o.add_argument("--out", "-o", required=True, metavar="DIR", help="run folder (created)")
+    o.add_argument("--out", "-o", required=True, metavar="NAME|DIR",
+                   help="run folder (created); a bare NAME (no slash) goes into the model store, where --model/"
+                        "--adapter NAME then find its model/ or adapter/")
     o.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     o.add_argument("--steps", type=int, default=0, help="optimizer steps (default: from --epochs)")
     o.add_argument("--epochs", type=float, default=1.0)
@@ -82,6 +85,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ..store import out_path, resolve
     from ..train.finetune import run as finetune
+
+    args.model = resolve(args.model)
+    args.out = str(out_path(args.out))
     finetune(args)
     return 0

@@ -18,6 +18,7 @@ COMMANDS = {
     "pretrain": "Pretrain a GLM with autoregressive blank infilling (or fine-tune it on chats with --sft).",
     "finetune": "Fine-tune a model with LoRA (also on an INT4/INT8 base), P-tuning v2 or all its weights.",
     "eval": "Answer the examples of a dataset and score the answers (ROUGE-1/2/L, BLEU-4) as ChatGLM does.",
+    "models": "List the local model store ($GLMKIT_MODELS, default ~/.glmkit/models): what --model NAME finds.",
     "kb": "A local knowledge base: add files (txt/md/html/pdf/docx/json), search them, answer from them with "
           "citations.",
 }

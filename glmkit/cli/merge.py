@@ -15,9 +15,11 @@ change of any weight; use it with --adapter."""
 
 
 def add_arguments(p):
-    p.add_argument("--model", "-m", required=True, metavar="DIR", help="the float base model folder")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the LoRA adapter folder (PEFT format)")
-    p.add_argument("--out", "-o", required=True, metavar="DIR2", help="folder to write (created)")
+    p.add_argument("--model", "-m", required=True, metavar="NAME|DIR", help="the float base model folder (or store name)")
+    p.add_argument("--adapter", required=True, metavar="NAME|DIR",
+                   help="the LoRA adapter folder (PEFT format), or a name of the model store")
+    p.add_argument("--out", "-o", required=True, metavar="NAME|DIR2",
+                   help="folder to write (created); a bare NAME (no slash) goes into the model store")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default: the base checkpoint's)")
 
@@ -29,8 +31,10 @@ def run(args) -> int:
     from ..adapters.lora import merge_lora
     from ..adapters.peft_format import load_peft_lora
     from ..checkpoint import load_model, save_model
+    from ..store import out_path, resolve
 
-    src, out = Path(args.model).expanduser(), Path(args.out).expanduser()
+    src, out = Path(resolve(args.model)).expanduser(), out_path(args.out)
+    args.adapter = resolve(args.adapter, "adapter")
     if out.exists() and out.resolve() == src.resolve():
         raise ValueError("--out must be a different folder than --model")
     if adapter_kind(args.adapter) == "ptuning":

@@ -15,23 +15,26 @@ whole. Linear layers and the embedding are stored in blocks of --group-size weig
 
 
 def add_arguments(p):
-    p.add_argument("--model", "-m", required=True, metavar="DIR", help="float model folder (official or glmkit)")
+    p.add_argument("--model", "-m", required=True, metavar="NAME|DIR",
+                   help="float model folder (official or glmkit), or a name of the model store")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4 (default) or 8")
     p.add_argument("--group-size", type=int, default=32, metavar="G",
                    help="weights per scale, a multiple of 32 (default 32; 64/128 are smaller, less accurate)")
     p.add_argument("--embedding-bits", default="same", choices=["same", "4", "8", "float"],
                    help="the token embedding: same as --bits (default), 4, 8, or float")
-    p.add_argument("--out", "-o", required=True, metavar="DIR2", help="folder to write (created)")
+    p.add_argument("--out", "-o", required=True, metavar="NAME|DIR2",
+                   help="folder to write (created); a bare NAME (no slash) goes into the model store")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads")
 
 
 def run(args) -> int:
     from ..checkpoint import load_model, save_model
     from ..quant import QuantSpec, quantized_bytes
+    from ..store import out_path, resolve
     from .common import set_threads
 
     set_threads(args.threads)
-    src, out = Path(args.model).expanduser(), Path(args.out).expanduser()
+    src, out = Path(resolve(args.model)).expanduser(), out_path(args.out)
     if out.exists() and out.resolve() == src.resolve():
         raise ValueError("--out must be a different folder than --model")
     emb = {"same": 0, "4": 4, "8": 8, "float": None}[args.embedding_bits]

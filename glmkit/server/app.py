@@ -9,7 +9,6 @@ Knowledge bases (--kb): kb_routes.py (chat with "knowledge_base", files, search,
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -21,11 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import store
 from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
 from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
 from ..sampling import SamplingParams
 from . import kb_routes, schemas
+from .access import Access
 from .metrics import Metrics
 from .schemas import APIError
 
@@ -48,6 +49,7 @@ class ServerSettings:
     knowledge_bases: tuple = ()             # KB directories (--kb), served by their directories' names
     kb_max_upload_bytes: int = 50 << 20     # largest upload into a KB (--kb-max-upload-mb; larger: HTTP 413)
     kb_embedder: Any = None                 # an embedder (.name, .encode) used by every KB instead of its own model
+    access: Any = None                      # access.Access (keys, key file, rate limit); None: from api_key
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,17 +156,20 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
 
+    access = settings.access or Access.of(settings.api_key)
+
     def auth(request: Request):
-        if not settings.api_key:
-            return
-        h = request.headers.get("authorization", "")
-        given = h[7:].strip() if h[:7].lower() == "bearer " else ""
-        if not given:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY'", code="missing_api_key")
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise APIError(401, "incorrect API key", code="invalid_api_key")
+        access.check(request)                   # 401 / 429 (access.py: keys, key file, --rate-limit)
 
     served = [settings.model_id, *settings.adapters]
+
+    def held_models() -> list[dict]:
+        """What this server holds (store.held: generation, size on disk, quantization); also for /api/tags."""
+        adapters = {a: getattr(pipe, "named_adapters", {}).get(a) for a in settings.adapters}
+        return store.held(settings.model_id, pipe.path, {k: v for k, v in adapters.items() if v} or None) + \
+            [{"id": a, "name": a, "parent": settings.model_id} for a, v in adapters.items() if not v]
+
+    app.state.held_models = held_models
 
     def check_model(name: str) -> Optional[str]:
         """The request's model id -> the LoRA adapter that answers it (None: the model as loaded)."""
@@ -306,11 +311,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         auth(request)
-        data = [{"id": settings.model_id, "object": "model", "created": started, "owned_by": "glmkit",
-                 "context_length": pipe.ctx}]
-        data += [{"id": a, "object": "model", "created": started, "owned_by": "glmkit", "context_length": pipe.ctx,
-                  "parent": settings.model_id} for a in settings.adapters]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_openai_model(h, started, pipe.ctx) for h in held_models()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(model_id: str, request: Request):
@@ -511,6 +512,17 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     edge = _Edge(app, settings.max_body_bytes, metrics, settings.kb_max_upload_bytes if kbs.kbs else 0)
     edge.fastapi, edge.engine = app, engine
     return edge
+
+
+def _openai_model(h: dict, created: int, ctx: int) -> dict:
+    """A store.held() entry in GET /v1/models' shape (OpenAI's fields, then glmkit's)."""
+    m = {"id": h["id"], "object": "model", "created": created, "owned_by": "glmkit", "context_length": ctx}
+    if h.get("parent"):
+        m["parent"] = h["parent"]
+    for k in ("generation", "quantization", "size_bytes"):
+        if k in h:
+            m[k] = h[k]
+    return m
 
 
 def _tool_delta(ev) -> dict:
