@@ -290,7 +290,7 @@ def _weights(path: Optional[Path]) -> list:
     if path is None or not Path(path).is_dir():
         return []
     return sorted(p for p in Path(path).iterdir()
-                  if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+                  if p.is_file() and p.suffix in (".safetensors", ".bin"))          # what glmkit loads
 
 
 def details(pipe, parent: str = "") -> dict:
