@@ -87,6 +87,28 @@ def test_chat_streaming_equals_non_streaming(client):
     assert parts[-1].done_reason == whole.done_reason and parts[-1].eval_count == whole.eval_count
 
 
+def test_tool_history_and_logprobs_render_as_the_openai_route(base, client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    o_msgs = [{"role": "user", "content": "北京天气？"},
+              {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                                "arguments": {"city": "北京"}}}]},
+              {"role": "tool", "content": "晴，25度", "tool_name": "get_weather"}]
+    a_msgs = [o_msgs[0], {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": "call_0", "type": "function",
+                   "function": {"name": "get_weather", "arguments": json.dumps({"city": "北京"}, ensure_ascii=False)}}]},
+              {"role": "tool", "content": "晴，25度", "tool_call_id": "call_0", "name": "get_weather"}]
+    r = client.chat(model=MODEL, messages=o_msgs, tools=tools, options=GREEDY, logprobs=True, top_logprobs=2)
+    want = _openai_chat(base, a_msgs, tools=tools, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    assert r.prompt_eval_count == want["usage"]["prompt_tokens"]
+    assert r.message.content == want["choices"][0]["message"]["content"]
+    lps = want["choices"][0]["logprobs"]["content"]
+    assert [x.token for x in r.logprobs] == [x["token"] for x in lps]
+    assert [round(x.logprob, 4) for x in r.logprobs] == [round(x["logprob"], 4) for x in lps]
+    assert all(len(x.top_logprobs) == 2 for x in r.logprobs)
+
+
 def test_stream_is_the_default_and_ndjson(base):
     with httpx.stream("POST", base + "/api/chat", json={"model": MODEL, "messages": MSGS, "options": GREEDY},
                       timeout=60) as r:

@@ -190,3 +190,24 @@ def test_usage_reports_cached_prompt_tokens(client):
     again = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0)
     assert again.usage.prompt_tokens == first.usage.prompt_tokens
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+
+
+def test_tokenize_pieces_of_a_byte_level_tokenizer(tmp_path):
+    """GLM-4's tiktoken tokens may hold part of a UTF-8 character: the piece is then its bytes (llama.cpp's rule),
+    and the pieces' bytes put together are the text."""
+    import json as _json
+
+    from test_glm4 import SPECIAL_IDS, build_tiktoken
+    from glmkit.server.tokens import piece
+    from glmkit.tokenizer import load_tokenizer
+
+    build_tiktoken(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(_json.dumps({
+        "added_tokens_decoder": {str(i): {"content": c, "special": True} for c, i in SPECIAL_IDS.items()}}))
+    tok = load_tokenizer(tmp_path, "glm4")
+    text = "龘天气 sunny"                          # 龘 is not in the toy merges: three single-byte tokens
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [piece(tok, i) for i in ids]
+    assert any(isinstance(p, list) for p in pieces) and any(isinstance(p, str) for p in pieces)
+    assert b"".join(bytes(p) if isinstance(p, list) else p.encode() for p in pieces).decode() == text
+    assert piece(tok, tok.special["<|user|>"]) == "<|user|>"
