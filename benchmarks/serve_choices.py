@@ -36,12 +36,18 @@ def main() -> int:
     with running_server(a.model, parallel=a.n) as (base, _):
         c = httpx.Client(base_url=base, timeout=600)
 
+        cpu = {}
+
         def timed(fn) -> float:
-            out = []
+            """median wall seconds; cpu[fn] the median CPU seconds of this process (server and client): on a
+            loaded machine the CPU time moves less than the wall time"""
+            out, used = [], []
             for _ in range(a.repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 out.append(time.perf_counter() - t0)
+                used.append(time.process_time() - c0)
+            cpu[len(cpu)] = statistics.median(used)
             return statistics.median(out)
 
         c.post("/v1/chat/completions", json=body)                                  # warm-up
@@ -54,10 +60,11 @@ def main() -> int:
         oai = timed(lambda: c.post("/v1/chat/completions", json={"model": body["model"], "messages": msgs,
                                                                   "temperature": 0, "max_tokens": a.tokens})
                     .raise_for_status())
-    print(f"n={a.n} in one request: {one:.3f} s; {a.n} requests one after another: {seq:.3f} s "
-          f"({a.tokens} tokens each, median of {a.repeats})")
-    print(f"greedy {a.tokens} tokens: /api/chat {oll:.3f} s, /v1/chat/completions {oai:.3f} s")
-    print(f"n_speedup={seq / one:.2f} ollama_vs_openai={oll / oai:.2f}")
+    print(f"n={a.n} in one request: {one:.3f} s ({cpu[0]:.3f} CPU s); {a.n} requests one after another: {seq:.3f} s "
+          f"({cpu[1]:.3f} CPU s) ({a.tokens} tokens each, median of {a.repeats})")
+    print(f"greedy {a.tokens} tokens: /api/chat {oll:.3f} s ({cpu[2]:.3f} CPU s), /v1/chat/completions {oai:.3f} s "
+          f"({cpu[3]:.3f} CPU s)")
+    print(f"n_speedup={seq / one:.2f} n_cpu_ratio={cpu[1] / cpu[0]:.2f} ollama_vs_openai={oll / oai:.2f}")
     return 0
 
 

@@ -88,7 +88,7 @@ class _Edge:
             except ValueError:
                 too_big = False
         if too_big:
-            await self._413(send_wrapped, message)
+            await self._413(send_wrapped, message, ollama.is_ollama_path(path))
         else:
             seen = {"n": 0}
 
@@ -105,8 +105,9 @@ class _Edge:
                     "/api/generate"):
             self.metrics.request(path, status["code"])
 
-    async def _413(self, send, message: str):
-        body = json.dumps(APIError(413, message, code="request_too_large").body()).encode()
+    async def _413(self, send, message: str, ollama_shape: bool = False):
+        err = APIError(413, message, code="request_too_large")
+        body = json.dumps({"error": message} if ollama_shape else err.body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
