@@ -203,6 +203,8 @@ def test_errors_through_the_client(base, client):
     assert e.value.status_code == 400 and "embedding model" in e.value.error
     r = httpx.get(base + "/api/no-such-route")
     assert r.status_code == 404 and list(r.json()) == ["error"]
+    r = httpx.post(base + "/api/chat", content=b"x" * (5 << 20), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and list(r.json()) == ["error"] and "bytes" in r.json()["error"]
     assert httpx.get(base + "/health").status_code == 200
 
 

@@ -106,6 +106,12 @@ def test_n_out_of_range(client, n):
     assert e.value.body["param"] == "n" and "from 1 to 8" in e.value.body["message"]
 
 
+def test_a_seed_beyond_64_bits_is_a_400_not_a_failed_step(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2, seed=1 << 64)
+    assert "seed" in e.value.body["message"]
+
+
 # --- logit_bias ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
