@@ -1,10 +1,10 @@
 """Sampling: pure functions over logits [..., V]. Order as in transformers' generate (which the official chat()
-uses): sanitise -> repetition / presence / frequency penalties -> temperature -> top-k -> top-p -> sample.
+uses): sanitise -> logit bias -> repetition / presence / frequency penalties -> temperature -> top-k -> top-p -> sample.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ class SamplingParams:
     max_new_tokens: Optional[int] = None   # None -> until a stop id or the context is full
     seed: Optional[int] = None
     stop: Sequence[str] = field(default_factory=tuple)   # text stops, applied where tokens become text
+    logit_bias: Mapping[int, float] = field(default_factory=dict)   # OpenAI's: token id -> added to its logit
 
     def validate(self) -> "SamplingParams":
         if not (self.temperature >= 0):
@@ -32,9 +33,19 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not -(1 << 63) <= int(self.seed) < (1 << 64):
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
+        bias = {}
+        for k, v in dict(self.logit_bias or {}).items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {k!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise ValueError(f"logit_bias values must be numbers from -100 to 100, got {v!r} for token {k}")
+            bias[k] = float(v)
+        self.logit_bias = bias
         return self
 
     @property
@@ -71,6 +82,20 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: bias[id] added to that token's logit (ids beyond the vocabulary are ignored; the
+    server refuses them before they get here)."""
+    V = logits.shape[-1]
+    items = [(i, b) for i, b in bias.items() if i < V]
+    if not items:
+        return logits
+    ids = torch.tensor([i for i, _ in items], device=logits.device)
+    vals = torch.tensor([b for _, b in items], dtype=logits.dtype, device=logits.device)
+    out = logits.clone()
+    out[..., ids] += vals
+    return out
+
+
 def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
     return logits if t in (0, 1.0) else logits / t
 
@@ -99,6 +124,8 @@ def process(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.T
     """All logit processing of one step: [..., V] logits -> float processed logits (-inf = never chosen).
     seen: bool [..., V] tokens of prompt and answer (repetition penalty); counts [..., V] of the answer."""
     x = sanitize(logits.float())
+    if params.logit_bias:
+        x = apply_logit_bias(x, params.logit_bias)
     if seen is not None:
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
     if counts is not None:

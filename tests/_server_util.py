@@ -61,6 +61,42 @@ def running_server(model_dir=None, *, ctx=None, quantize=None, pipe=None, **sett
         th.join(10)
 
 
+@contextlib.contextmanager
+def serve_process(*args, seconds: float = 120.0):
+    """`python -m glmkit serve ARGS --port P` in a child process, as a user starts it; yields the base URL. Its
+    output is kept in a temporary file and shown when it fails to start."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", *map(str, args), "--port", str(port)], cwd=root,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(base, proc, seconds)
+        except RuntimeError as e:
+            log.seek(0)
+            pytest.fail(f"glmkit serve {' '.join(map(str, args))}: {e}\n{log.read().decode(errors='replace')[-4000:]}")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 def make_slow_model(src_dir: Path, out: Path, hidden=512, layers=4, seq=4096, seed=0) -> Path:
     """A random model with the tokenizer and format of `src_dir` (a tiny reference checkpoint), wide enough
     that decoding ~4000 tokens takes tens of seconds on 2 cores."""

@@ -172,3 +172,24 @@ def test_chat_seed_reproducible_and_max_tokens():
     b = pipe.chat("你好", seed=11, max_new_tokens=12)
     assert a == b and a.usage["completion_tokens"] <= 12
     assert "".join(pipe.stream_chat("你好", seed=11, max_new_tokens=12)) == a
+
+
+def test_logit_bias():
+    # softmax([1, 2, 3] + [0, 1.5, -1]) by hand; +100 on one token: all of its mass; greedy follows the bias
+    x = [1.0 + 0, 2.0 + 1.5, 3.0 - 1]
+    e = [math.exp(v) for v in x]
+    assert close(probs([1.0, 2.0, 3.0], logit_bias={1: 1.5, 2: -1}), [v / sum(e) for v in e])
+    assert close(probs([1.0, 2.0, 3.0], logit_bias={0: 100}), [1.0, 0.0, 0.0])
+    assert close(probs([1.0, 2.0, 3.0], temperature=0, logit_bias={0: 100}), [1.0, 0.0, 0.0])
+    assert close(probs([1.0, 2.0, 3.0], logit_bias={7: 100}), probs([1.0, 2.0, 3.0]))   # beyond the vocabulary
+    for bad in ({-1: 1.0}, {"3": 1.0}, {0: 101}, {0: float("nan")}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            P(logit_bias=bad)
+
+
+@needs_shared
+def test_chat_logit_bias_in_the_pipeline():
+    pipe = ref_pipeline("chatglm3-6b")
+    target = pipe.tokenizer.encode("月", add_special_tokens=False)[-1]
+    r = pipe.chat("你好", temperature=0, max_new_tokens=3, logit_bias={target: 100})
+    assert r == pipe.tokenizer.decode([target] * 3)

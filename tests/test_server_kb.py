@@ -294,6 +294,9 @@ def test_embeddings_and_hybrid_kb(small):
         client.embeddings.create(model="other", input="x")
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="dense", input=[[1, 2, 3]])
+    ollama = pytest.importorskip("ollama", reason="the ollama client is a test dependency")
+    got = ollama.Client(host=base, timeout=60).embed(model="dense", input=texts)     # ollama's /api/embed
+    assert np.allclose(got.embeddings, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "猫喜欢吃什么？"}],
                                                  max_tokens=8, stream=True,
                                                  extra_body={"knowledge_base": "dense", "score_threshold": 0.05}))

@@ -24,8 +24,11 @@ then, with the openai client:
   client.chat.completions.create(model="chatglm3-6b", messages=[{"role": "user", "content": "如何配置输入法？"}],
                                  extra_body={"knowledge_base": "my-kb", "top_k": 3})   # .sources: the chunks
 
-routes: GET / (web chat), GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions,
-        POST /v1/completions, POST / (ChatGLM api.py: {prompt, history, max_length, top_p, temperature})
+routes: GET / (web chat), GET /health, GET /metrics (Prometheus), GET /v1/models[/ID], POST /v1/chat/completions,
+        POST /v1/completions, POST / (ChatGLM api.py: {prompt, history, max_length, top_p, temperature}),
+        POST /tokenize, POST /detokenize (llama.cpp's shapes)
+  ollama's API (ollama.Client(host="http://127.0.0.1:8000"), LangChain's ChatOllama): POST /api/chat,
+        POST /api/generate, GET /api/tags, POST /api/show, GET /api/ps, GET /api/version, POST /api/embed
   with --kb: GET /v1/knowledge_bases, GET /v1/knowledge_bases/NAME/files, POST /v1/knowledge_bases/NAME/files
         (multipart upload, stored in KB/files/), DELETE /v1/knowledge_bases/NAME/files/FILE,
         POST /v1/knowledge_bases/NAME/search {query, top_k, score_threshold}, POST /v1/embeddings (a KB with

@@ -68,8 +68,8 @@ class SamplerState:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with no penalties: the token is the argmax of the logits alone."""
-        return self.params.greedy and self.seen is None and self.counts is None
+        """Greedy with no penalties or logit bias: the token is the argmax of the logits alone."""
+        return self.params.greedy and self.seen is None and self.counts is None and not self.params.logit_bias
 
     def sample(self, logits: torch.Tensor, fallback: int) -> int:
         """logits [V] or [1, V] -> the next token id."""

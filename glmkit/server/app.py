@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -23,9 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import store
 from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
-from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
+from ..pipeline import AnswerText, Pipeline, logprob_entry
 from ..sampling import SamplingParams
-from . import kb_routes, schemas
+from . import choices, kb_routes, ollama, schemas, tokens
 from .access import Access
 from .metrics import Metrics
 from .schemas import APIError
@@ -50,6 +51,7 @@ class ServerSettings:
     kb_max_upload_bytes: int = 50 << 20     # largest upload into a KB (--kb-max-upload-mb; larger: HTTP 413)
     kb_embedder: Any = None                 # an embedder (.name, .encode) used by every KB instead of its own model
     access: Any = None                      # access.Access (keys, key file, rate limit); None: from api_key
+    max_n: int = choices.MAX_N              # most choices (`n`) one request may ask for
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ class _Edge:
             except ValueError:
                 too_big = False
         if too_big:
-            await self._413(send_wrapped, message)
+            await self._413(send_wrapped, message, ollama.is_ollama_path(path))
         else:
             seen = {"n": 0}
 
@@ -101,11 +103,13 @@ class _Edge:
                 return msg
 
             await self.app(scope, receive_limited, send_wrapped)
-        if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"):
+        if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/api/chat",
+                    "/api/generate"):
             self.metrics.request(path, status["code"])
 
-    async def _413(self, send, message: str):
-        body = json.dumps(APIError(413, message, code="request_too_large").body()).encode()
+    async def _413(self, send, message: str, ollama_shape: bool = False):
+        err = APIError(413, message, code="request_too_large")
+        body = json.dumps({"error": message} if ollama_shape else err.body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -148,6 +152,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         msg = {404: f"no route {request.method} {request.url.path}",
                405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
                                                                                       str(exc.detail))
+        if ollama.is_ollama_path(request.url.path):          # ollama's routes answer in ollama's shape
+            return JSONResponse({"error": msg}, status_code=exc.status_code)
         return JSONResponse(APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None)
                             .body(), status_code=exc.status_code)
 
@@ -184,8 +190,9 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param=max_tokens_param,
                            code="invalid_value")
-        if r.n not in (None, 1):
-            raise APIError(400, "only n=1 is supported", param="n", code="invalid_value")
+        choices.check_n(r.n, settings.max_n)
+        choices.check_max_tokens(max_tokens, pipe.ctx, max_tokens_param)
+        bias = choices.logit_bias(r.logit_bias, pipe.config.vocab_size)
         stop = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
         if len(stop) > 16:
             raise APIError(400, "at most 16 stop sequences", param="stop", code="invalid_value")
@@ -194,7 +201,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                                         repetition_penalty=r.repetition_penalty,
                                         presence_penalty=r.presence_penalty,
                                         frequency_penalty=r.frequency_penalty, max_tokens=max_tokens,
-                                        stop=tuple(stop))
+                                        stop=tuple(stop), logit_bias=bias)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), code="invalid_value") from None
 
@@ -284,15 +291,15 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 lps += item[2]
         return "".join(text), lps, reason
 
-    def event_stream(chunks: AsyncIterator[str], ereq: Sequence, usage_chunk) -> StreamingResponse:
-        """SSE answer: the route's chunks, then (include_usage) the usage chunk, then [DONE]; an inference
-        error mid-stream becomes an error chunk."""
+    def event_stream(chunks: AsyncIterator[str], ereqs: list, usage_chunk) -> StreamingResponse:
+        """SSE answer: the route's chunks, then (include_usage) the usage chunk of all its choices (ereqs), then
+        [DONE]; an inference error mid-stream becomes an error chunk."""
         async def body():
             try:
                 async for c in chunks:
                     yield c
                 if usage_chunk is not None:
-                    yield sse({**usage_chunk, "usage": usage_of(ereq.stats)})
+                    yield sse({**usage_chunk, "usage": choices.usage([e.stats for e in ereqs])})
             except APIError as e:
                 yield sse(e.body())
             yield "data: [DONE]\n\n"
@@ -301,6 +308,19 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def submit_n(n: int, ids, params, constraint_of, logprobs, adapter) -> list:
+        """n choices of one prompt -> [(Sequence, queue)], each with its own seed (choices.derive_seed) and
+        constraint (constraint_of(): a fresh one, or None); all or none are submitted."""
+        out = []
+        try:
+            for i in range(n):
+                out.append(submit(ids, choices.for_choice(params, i), constraint_of(), logprobs, adapter))
+        except APIError:
+            for e, _ in out:
+                e.cancel()
+            raise
+        return out
 
     # --- routes -----------------------------------------------------------------------------------------
     @app.get("/health")
@@ -317,7 +337,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     async def model_info(model_id: str, request: Request):
         auth(request)
         check_model(model_id)
-        return {"id": model_id, "object": "model", "created": started, "owned_by": "glmkit"}
+        return {"id": model_id, "object": "model", "created": started, "owned_by": "glmkit", "context_length": pipe.ctx}
 
     @app.get("/metrics")
     async def prometheus():
@@ -372,14 +392,20 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param="response_format", code="invalid_value") from None
         k = (r.top_logprobs or 0) if r.logprobs else None
-        ereq, q = submit(prompt.ids, params, constraint, k, adapter)
-        ans = AnswerText(tok, prompt, params.stop)
+        n = choices.check_n(r.n, settings.max_n)
+        fresh = [constraint]                    # choice 0 takes the one made above, each other choice its own
+
+        def constraint_of():
+            return fresh.pop() if fresh else pipe.constraint_for(r.response_format, prompt, params)
+        runs = [(e, q, AnswerText(tok, prompt, params.stop))
+                for e, q in submit_n(n, prompt.ids, params, constraint_of, k, adapter)]
+        ereqs = [e for e, _, _ in runs]
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         sources = {"sources": kbc.sources()} if kbc else {}
 
-        def chunk(delta, finish=None, lps=None) -> dict:
+        def chunk(delta, finish=None, lps=None, index=0) -> dict:
             c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": r.model,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": {"content": lps} if lps else None,
+                 "choices": [{"index": index, "delta": delta, "logprobs": {"content": lps} if lps else None,
                               "finish_reason": finish}]}
             if include_usage:
                 c["usage"] = None
@@ -387,27 +413,32 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
 
         if r.stream:
             async def chunks():
-                yield sse(chunk({"role": "assistant", "content": ""}))
-                async for item in run(request, ereq, q, ans, watch_disconnect=False):
+                for i in range(n):
+                    yield sse(chunk({"role": "assistant", "content": ""}, index=i))
+                streams = [run(request, e, q, a, watch_disconnect=False) for e, q, a in runs]
+                async for i, item in choices.merge(streams):
                     if item[0] == "text":
-                        yield sse(chunk({"content": item[1]}, lps=item[2] if k is not None else None))
+                        yield sse(chunk({"content": item[1]}, lps=item[2] if k is not None else None, index=i))
                     elif item[0] == "tool":
-                        yield sse(chunk({"tool_calls": [_tool_delta(item[1])]}))
+                        yield sse(chunk({"tool_calls": [_tool_delta(item[1])]}, index=i))
                     else:
-                        yield sse({**chunk({}, item[1], lps=item[2] if k is not None else None), **sources})
-            return event_stream(chunks(), ereq, {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                                 "model": r.model, "choices": []}
+                        yield sse({**chunk({}, item[1], lps=item[2] if k is not None else None, index=i),
+                                   **sources})
+            return event_stream(chunks(), ereqs, {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                                  "model": r.model, "choices": []}
                                 if include_usage else None)
 
-        content, lps, reason = await collect(request, ereq, q, ans)
-        msg: dict[str, Any] = {"role": "assistant", "content": content}
-        if ans.tool_calls:
-            msg["tool_calls"] = [c.to_openai() for c in ans.tool_calls]
-            msg["content"] = content or None
-        return {"id": cid, "object": "chat.completion", "created": created, "model": r.model,
-                "choices": [{"index": 0, "message": msg, "logprobs": {"content": lps} if k is not None else None,
-                             "finish_reason": reason}],
-                "usage": usage_of(ereq.stats), **sources}
+        results = await choices.gather([collect(request, e, q, a) for e, q, a in runs], ereqs)
+        out = []
+        for i, ((content, lps, reason), (_, _, ans)) in enumerate(zip(results, runs)):
+            msg: dict[str, Any] = {"role": "assistant", "content": content}
+            if ans.tool_calls:
+                msg["tool_calls"] = [c.to_openai() for c in ans.tool_calls]
+                msg["content"] = content or None
+            out.append({"index": i, "message": msg, "logprobs": {"content": lps} if k is not None else None,
+                        "finish_reason": reason})
+        return {"id": cid, "object": "chat.completion", "created": created, "model": r.model, "choices": out,
+                "usage": choices.usage([e.stats for e in ereqs]), **sources}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -436,8 +467,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             prompt_text = tok.decode(ids)
         check_length(len(ids), "prompt")
         k = r.logprobs
-        ereq, q = submit(ids, params, None, k, adapter)
-        ans = AnswerText(tok, Prompt(ids=ids), params.stop, raw=True)
+        n = choices.check_n(r.n, settings.max_n)
+        runs = [(e, q, AnswerText(tok, Prompt(ids=ids), params.stop, raw=True))
+                for e, q in submit_n(n, ids, params, lambda: None, k, adapter)]
+        ereqs = [e for e, _, _ in runs]
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))
 
@@ -448,9 +481,9 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                     "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
                     "text_offset": []}
 
-        def chunk(text, finish=None, entries=()) -> dict:
+        def chunk(text, finish=None, entries=(), index=0) -> dict:
             c = {"id": cid, "object": "text_completion", "created": created, "model": r.model,
-                 "choices": [{"index": 0, "text": text, "logprobs": lp_block(list(entries)),
+                 "choices": [{"index": index, "text": text, "logprobs": lp_block(list(entries)),
                               "finish_reason": finish}]}
             if include_usage:
                 c["usage"] = None
@@ -459,21 +492,23 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         if r.stream:
             async def chunks():
                 if r.echo:
-                    yield sse(chunk(prompt_text))
-                async for item in run(request, ereq, q, ans, watch_disconnect=False):
+                    for i in range(n):
+                        yield sse(chunk(prompt_text, index=i))
+                streams = [run(request, e, q, a, watch_disconnect=False) for e, q, a in runs]
+                async for i, item in choices.merge(streams):
                     if item[0] == "text":
-                        yield sse(chunk(item[1], entries=item[2]))
+                        yield sse(chunk(item[1], entries=item[2], index=i))
                     elif item[0] == "end":
-                        yield sse(chunk("", item[1], entries=item[2]))
-            return event_stream(chunks(), ereq, {"id": cid, "object": "text_completion", "created": created,
-                                                 "model": r.model, "choices": []}
+                        yield sse(chunk("", item[1], entries=item[2], index=i))
+            return event_stream(chunks(), ereqs, {"id": cid, "object": "text_completion", "created": created,
+                                                  "model": r.model, "choices": []}
                                 if include_usage else None)
 
-        text, entries, reason = await collect(request, ereq, q, ans)
-        out = (prompt_text if r.echo else "") + text
-        return {"id": cid, "object": "text_completion", "created": created, "model": r.model,
-                "choices": [{"index": 0, "text": out, "logprobs": lp_block(entries), "finish_reason": reason}],
-                "usage": usage_of(ereq.stats)}
+        results = await choices.gather([collect(request, e, q, a) for e, q, a in runs], ereqs)
+        out = [{"index": i, "text": (prompt_text if r.echo else "") + text, "logprobs": lp_block(entries),
+                "finish_reason": reason} for i, (text, entries, reason) in enumerate(results)]
+        return {"id": cid, "object": "text_completion", "created": created, "model": r.model, "choices": out,
+                "usage": choices.usage([e.stats for e in ereqs])}
 
     @app.post("/")
     async def legacy_chatglm(request: Request):
@@ -509,6 +544,11 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     kb_routes.install(app, kbs, auth)
+    core = SimpleNamespace(pipe=pipe, settings=settings, engine=engine, kbs=kbs, started=started, auth=auth,
+                           check_model=check_model, check_length=check_length, submit=submit, run=run,
+                           collect=collect)
+    tokens.install(app, core)               # POST /tokenize, /detokenize (llama.cpp server's shapes)
+    ollama.install(app, core)               # ollama's API: /api/chat, /api/generate, /api/tags, ...
     edge = _Edge(app, settings.max_body_bytes, metrics, settings.kb_max_upload_bytes if kbs.kbs else 0)
     edge.fastapi, edge.engine = app, engine
     return edge

@@ -46,6 +46,7 @@ class _Sampling(_Strict):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(None, gt=0)       # extension (transformers' rule)
     n: Optional[int] = None
+    logit_bias: Optional[dict[str, float]] = None                 # {"token id": bias from -100 to 100}
     stream_options: Optional[dict[str, Any]] = None
     user: Optional[str] = None
 
@@ -93,6 +94,19 @@ class EmbeddingRequest(_Strict):
     encoding_format: Optional[str] = None
     dimensions: Optional[int] = None
     user: Optional[str] = None
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (llama.cpp server's shape)."""
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (llama.cpp server's shape)."""
+    tokens: list[int]
 
 
 def parse(model_cls, body: bytes):
