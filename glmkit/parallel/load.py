@@ -18,7 +18,7 @@ from ..checkpoint import (CheckpointError, LoadInfo, _part_rows, _reverse_map, d
                           layout_of, read_config, resolve_dtype, weight_files)
 from ..config import ConfigError, from_hf
 from ..model import GLM
-from .layers import VocabHead, locate, shard_modules
+from .layers import locate, shard_modules
 from .plan import Shard, make_plan
 
 CHUNK_BYTES = 64 << 20
