@@ -107,3 +107,37 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
     import torch.distributed as tdist
     tdist.barrier()
     tdist.destroy_process_group()
+
+
+GLM_HF = dict(model_type="glm", architectures=["GlmForCausalLM"], vocab_size=256, hidden_size=64,
+              intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=128, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
+              rope_theta=10000.0, pad_token_id=0, eos_token_id=[1], torch_dtype="float32")
+
+
+def make_glm_hf(out: Path, seed: int = 0) -> Path:
+    """A random tiny GLM-4 in transformers' GlmForCausalLM layout (q/k/v kept apart), by KEY_MAPS['glm_hf']."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from glmkit.checkpoint import KEY_MAPS
+    from glmkit.config import from_hf
+    from glmkit.model import GLM
+    cfg = from_hf(dict(GLM_HF))
+    model = GLM(cfg).init_weights(std=0.08, seed=seed)
+    H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    table, sd = KEY_MAPS["glm_hf"], {}
+    for name, p in model.state_dict().items():
+        parts = name.split(".")
+        key = ".".join(["layers", "{i}"] + parts[2:]) if parts[0] == "layers" else name
+        src = table[key]
+        if isinstance(src, list):
+            for s, t in zip(src, p.split([H * D, G * D, G * D])):
+                sd[s.replace("{i}", parts[1])] = t.contiguous()
+        else:
+            sd[src.replace("{i}", parts[1]) if parts[0] == "layers" else src] = p.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(GLM_HF))
+    return out

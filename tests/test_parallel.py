@@ -15,7 +15,7 @@ from glmkit.checkpoint import load_model
 from glmkit.parallel.plan import ShardError, make_plan
 from glmkit.quant import prepare_model
 
-from _tp_util import compute, engine_greedy, make_random, prompt_for, worker
+from _tp_util import compute, engine_greedy, make_glm_hf, make_random, prompt_for, worker
 from conftest import REF, needs_shared
 
 
@@ -69,6 +69,34 @@ def test_two_processes_give_the_logits_of_one(tp_results, name):
     assert tp["greedy"] == want["greedy"]
 
 
+@pytest.mark.parametrize("layout", ["chatglm-6b .bin", "chatglm3-6b .bin", "glm_hf q/k/v apart", "glmkit int4"])
+def test_each_rank_loads_exactly_its_slices(tmp_path, layout):
+    """For every layout: each rank's local tensors are the plan's slices of the whole model's tensors."""
+    from glmkit.parallel.layers import locate
+    from glmkit.parallel.load import _quant_shard, load_sharded
+    if layout.endswith(".bin"):
+        if not REF.is_dir():
+            pytest.skip(f"{REF} (reference checkpoints) is absent")
+        folder = REF / layout.split()[0]
+    elif layout.startswith("glm_hf"):
+        folder = make_glm_hf(tmp_path / "hf", seed=1)
+    else:
+        folder = make_random("chatglm3", tmp_path / "q", seed=2, quantize="int4")
+    full, _ = load_model(folder, dtype="float32")
+    tensors = dict(full.named_parameters()) | dict(full.named_buffers())
+    for rank in (0, 1):
+        model, _ = load_sharded(folder, rank, 2, dtype="float32")
+        assert model.config.num_heads == full.config.num_heads // 2
+        for name, want in tensors.items():
+            shard, _ = model.tp.shard_of(name)
+            mod, leaf = locate(model, name)
+            if leaf in ("qweight", "scales"):
+                shard = _quant_shard(shard, leaf, mod)
+            if shard.dim is not None:
+                want = torch.cat([want.narrow(shard.dim, a, b - a) for a, b in shard.ranges], shard.dim)
+            assert torch.equal(getattr(mod, leaf), want), (layout, rank, name)
+
+
 def test_split_rules_refuse_sizes_that_do_not_divide():
     from _tp_util import CONFIGS
     from glmkit.config import from_hf
@@ -79,6 +107,11 @@ def test_split_rules_refuse_sizes_that_do_not_divide():
         make_plan(cfg.replace(num_heads=6, num_kv_heads=3), 0, 2)
     with pytest.raises(ShardError, match="vocab_size = 255 is not divisible by --tp 2"):
         make_plan(cfg.replace(vocab_size=255), 0, 2)
+    # GLM-130B's GeGLU holds [gate | up] halves as SwiGLU does: the rank's rows of each half
+    up, _ = make_plan(cfg.replace(activation="geglu"), 1, 2).shard_of("layers.3.mlp.up.weight")
+    assert up.ranges == ((64, 128), (192, 256))
+    up, _ = make_plan(cfg.replace(activation="gelu_tanh"), 1, 2).shard_of("layers.3.mlp.up.weight")
+    assert up.ranges == ((64, 128),)
 
 
 @needs_shared
