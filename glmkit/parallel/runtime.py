@@ -15,6 +15,7 @@ happen outside the model and are not mirrored.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..model import GLM
 from . import dist
 
 METHODS = ("forward", "embed", "blocks", "head")
+log = logging.getLogger("glmkit.parallel")
 
 
 class _CacheRef:
@@ -119,5 +121,8 @@ def follow(model: GLM) -> int:
             kwargs = {k: local(v) for k, v in _map(kwargs, lambda t: t.to(dev)).items()}
             if name not in METHODS:
                 raise RuntimeError(f"rank 0 asked for an unknown call {name!r}")
-            getattr(GLM, name)(model, *args, **kwargs)
+            try:
+                getattr(GLM, name)(model, *args, **kwargs)
+            except Exception:                   # noqa: BLE001 - rank 0 fails the same call the same way
+                log.exception("tensor-parallel follower: %s failed (as it must have on rank 0)", name)
             n += 1
