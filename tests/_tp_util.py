@@ -25,14 +25,15 @@ CONFIGS = {
 }
 
 
-def make_random(family: str, out: Path, seed: int = 0, quantize=None) -> Path:
-    """A random tiny model of `family` saved in glmkit's layout (quantized with `quantize` when given)."""
+def make_random(family: str, out: Path, seed: int = 0, quantize=None, **overrides) -> Path:
+    """A random tiny model of `family` saved in glmkit's layout (quantized with `quantize` when given;
+    overrides: config.json keys)."""
     from glmkit.checkpoint import save_model
     from glmkit.config import from_hf
     from glmkit.model import GLM
     from glmkit.quant import quantize_model
 
-    cfg = from_hf(dict(CONFIGS[family]), family=family)
+    cfg = from_hf({**CONFIGS[family], **overrides}, family=family)
     model = GLM(cfg).init_weights(std=0.08, seed=seed)
     with torch.no_grad():                     # biases and norms away from their init values: they must travel too
         g = torch.Generator().manual_seed(seed + 1)

@@ -69,7 +69,8 @@ def test_two_processes_give_the_logits_of_one(tp_results, name):
     assert tp["greedy"] == want["greedy"]
 
 
-@pytest.mark.parametrize("layout", ["chatglm-6b .bin", "chatglm3-6b .bin", "glm_hf q/k/v apart", "glmkit int4"])
+@pytest.mark.parametrize("layout", ["chatglm-6b .bin", "chatglm3-6b .bin", "glm_hf q/k/v apart", "glmkit int4",
+                                    "tied", "tied int4"])
 def test_each_rank_loads_exactly_its_slices(tmp_path, layout):
     """For every layout: each rank's local tensors are the plan's slices of the whole model's tensors."""
     from glmkit.parallel.layers import locate
@@ -80,13 +81,18 @@ def test_each_rank_loads_exactly_its_slices(tmp_path, layout):
         folder = REF / layout.split()[0]
     elif layout.startswith("glm_hf"):
         folder = make_glm_hf(tmp_path / "hf", seed=1)
+    elif layout.startswith("tied"):          # one tensor for the embedding and the output head
+        folder = make_random("glm4", tmp_path / "t", seed=5, tie_word_embeddings=True)
     else:
         folder = make_random("chatglm3", tmp_path / "q", seed=2, quantize="int4")
-    full, _ = load_model(folder, dtype="float32")
+    q = "int4" if layout == "tied int4" else None
+    full, _ = load_model(folder, dtype="float32", quantize=q)
     tensors = dict(full.named_parameters()) | dict(full.named_buffers())
     for rank in (0, 1):
-        model, _ = load_sharded(folder, rank, 2, dtype="float32")
+        model, _ = load_sharded(folder, rank, 2, dtype="float32", quantize=q)
         assert model.config.num_heads == full.config.num_heads // 2
+        if layout == "tied":
+            assert model.output.inner.weight is model.tok_embeddings.inner.weight
         for name, want in tensors.items():
             shard, _ = model.tp.shard_of(name)
             mod, leaf = locate(model, name)
