@@ -70,10 +70,8 @@ class Plan:
         leaf = name[len(base) + 1:]
         for rx, shard, kind in self.rules:
             if re.fullmatch(rx, base):
-                if kind == "row" and leaf == "bias":
+                if kind == "row" and leaf == "bias":        # a row-parallel layer's bias: whole, added once
                     return REPLICATED, "row_bias"
-                if kind == "vocab" and leaf == "bias":
-                    return shard, kind
                 return shard, kind
         return REPLICATED, "replicated"
 
