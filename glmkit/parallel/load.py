@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import quant
-from ..checkpoint import (CheckpointError, LoadInfo, _part_rows, _reverse_map, detect_family, iter_tensors,
+from ..checkpoint import (IGNORED_KEYS, CheckpointError, LoadInfo, _part_rows, _reverse_map, detect_family, iter_tensors,
                           layout_of, read_config, resolve_dtype, weight_files)
 from ..config import ConfigError, from_hf
 from ..model import GLM
@@ -140,7 +140,8 @@ def load_sharded(path, rank: int, world: int, dtype=None, device: str = "cpu", f
     with torch.no_grad():
         for name, src, fpath, release in iter_tensors(files):
             if name not in rev:
-                info.unexpected.append(name)
+                if not any(rx.search(name) for rx in IGNORED_KEYS):
+                    info.unexpected.append(name)
                 continue
             ours, part, n_parts = rev[name]
             rows = _part_rows(cfg, ours, n_parts)
