@@ -408,7 +408,7 @@ def _generation_defaults(path: Path) -> dict:
 
 def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = None,
          ctx: Optional[int] = None, progress: bool = False, quantize=None,
-         cache_mb: Optional[float] = None, adapter=None) -> Pipeline:
+         cache_mb: Optional[float] = None, adapter=None, tp: int = 1) -> Pipeline:
     """Load a model folder (official ChatGLM-6B/2/3, GLM-4 in either layout, or glmkit's own) -> Pipeline.
 
     dtype: None picks float32 on CPU for models under 1B parameters, else bfloat16 (float16 on CUDA unless the
@@ -417,6 +417,9 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     (a folder written by `glmkit quantize` is quantized already and needs nothing). cache_mb: memory for
     the prefix cache of earlier prompts (default engine.DEFAULT_CACHE_MB; 0 turns it off). adapter: a PEFT LoRA
     folder or an official P-tuning v2 folder made for this base (glmkit finetune writes both kinds).
+    tp: tensor-parallel degree, inside a torch.distributed group of that size (torchrun; glmkit/parallel/):
+    each rank loads only its slices; rank 0's model broadcasts every call, the other ranks must run
+    glmkit.parallel.runtime.follow(pipe.model) (the prefix cache is off: cache_mb 0).
     """
     if path is None:                  # the embedded glm-tiny (glmkit/models), when this install carries it
         from .models import embedded_model_path
@@ -429,8 +432,13 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeError("--device mps was asked for, but MPS is not available here")
     path = Path(path).expanduser()
-    model, info = load_model(path, dtype=dtype, device=device, family=family, progress=progress,
-                             quantize=quantize)
+    if tp > 1:
+        model, info = _load_tensor_parallel(path, tp, adapter, dtype=dtype, device=device, family=family,
+                                            progress=progress, quantize=quantize)
+        cache_mb = 0
+    else:
+        model, info = load_model(path, dtype=dtype, device=device, family=family, progress=progress,
+                                 quantize=quantize)
     ptuning = None
     if adapter is not None:
         from .adapters import load_adapter
@@ -445,3 +453,20 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
                               f"{model.config.vocab_size} embedding rows")
     return Pipeline(model, tok, path, ctx=ctx, defaults=_generation_defaults(path), cache_mb=cache_mb,
                     ptuning=ptuning, adapter=adapter, layout=info.layout)
+
+
+def _load_tensor_parallel(path: Path, tp: int, adapter, **kw):
+    """This rank's shards (glmkit/parallel/load.py); rank 0's model leads the others (parallel/runtime.py)."""
+    from .parallel import dist
+    from .parallel.load import load_sharded
+    from .parallel.runtime import lead
+    if adapter is not None:
+        raise ValueError("adapters are not supported with tensor parallelism (--tp): merge a LoRA first "
+                         "(glmkit merge)")
+    if dist.world_size() != tp:
+        raise RuntimeError(f"tp={tp} needs a torch.distributed group of {tp} processes (torchrun "
+                           f"--nproc_per_node {tp}); this one has {dist.world_size()}")
+    model, info = load_sharded(path, dist.rank(), tp, **kw)
+    if dist.rank() == 0:
+        lead(model)
+    return model, info

@@ -30,6 +30,10 @@ def add_model_args(p: argparse.ArgumentParser):
                         "or an official P-tuning v2 folder "
                         "(as glmkit finetune, peft, LLaMA-Factory or the official scripts write them); serve also "
                         "takes several LoRAs as NAME=DIR, each answering requests for model NAME")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel degree: split the model over N processes, each loading only its slices "
+                        "(run as torchrun --nproc_per_node N -m glmkit ... --tp N; gloo on CPU, NCCL on CUDA; "
+                        "rank 0 does the talking)")
     g.add_argument("--cache-mb", type=float, default=None, metavar="MB",
                    help="memory for the prefix cache: keys/values of earlier prompts (chat history, shared "
                         "system prompts) reused by later ones, least recently used dropped first (default "
@@ -98,10 +102,41 @@ def load_pipeline(args, named_adapters: bool = False):
               "by glmkit on Chinese poetry and English text). For real answers run a THUDM model: "
               "--model ~/models/chatglm3-6b (see --help).", file=sys.stderr)
         args.model = str(path)
-    adapter, _ = split_adapters(getattr(args, "adapter", None), named_adapters)
+    adapter, named = split_adapters(getattr(args, "adapter", None), named_adapters)
+    tp = getattr(args, "tp", 1) or 1
+    if tp > 1:
+        return _tensor_parallel_pipeline(args, tp, adapter or (named or None))
     return load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx, progress=sys.stderr.isatty(),
                 quantize=getattr(args, "quantize", None), cache_mb=getattr(args, "cache_mb", None),
                 adapter=adapter)
+
+
+def _tensor_parallel_pipeline(args, tp: int, adapter):
+    """--tp N under torchrun: every rank loads its slices; rank 0 returns the Pipeline (it owns the prompt and
+    HTTP), the other ranks follow its model calls until it exits, then exit themselves."""
+    import os
+
+    from ..parallel import dist
+    from ..pipeline import load
+
+    if int(os.environ.get("WORLD_SIZE", "1")) != tp:
+        raise ValueError(f"--tp {tp} runs under torchrun --nproc_per_node {tp} (this process is one of "
+                         f"{os.environ.get('WORLD_SIZE', '1')})")
+    if adapter:
+        raise ValueError("--adapter is not supported with --tp (merge a LoRA into the model first: glmkit merge)")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    d = dist.init_distributed(args.device, timeout_s=7 * 24 * 3600.0)  # followers wait for requests
+    pipe = load(args.model, dtype=args.dtype, device=args.device, ctx=args.ctx,
+                progress=sys.stderr.isatty() and d.main, quantize=getattr(args, "quantize", None), cache_mb=0, tp=tp)
+    if not d.main:
+        from ..parallel.runtime import follow
+        follow(pipe.model)
+        raise SystemExit(0)
+    if getattr(args, "cache_mb", None):
+        print("glmkit: --tp: the prefix cache is off (--cache-mb ignored)", file=sys.stderr)
+    args.cache_mb = 0
+    return pipe
 
 
 def set_threads(n):

@@ -139,6 +139,8 @@ class Engine:
         self.max_seq = min(max_seq, cfg.max_seq_len)
         self.slots = slots
         self.cache_mb = DEFAULT_CACHE_MB if cache_mb is None else cache_mb
+        if getattr(model, "tp", None) is not None:     # tensor parallel (glmkit/parallel/): the other ranks
+            self.cache_mb = 0                          # mirror model calls, not copies between cache rows
         self.reuse = self.cache_mb > 0                 # 0: no prefix is reused, not even a slot's own
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(model)
         self.max_queue = max_queue

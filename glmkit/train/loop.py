@@ -39,6 +39,8 @@ import torch
 
 from ..config import ModelConfig
 from ..model import GLM
+# the torch.distributed setup is shared with tensor-parallel inference (glmkit/parallel/dist.py)
+from ..parallel.dist import Dist, all_sum, init_distributed  # noqa: F401  (train/ imports them from here)
 
 
 @dataclass
@@ -87,39 +89,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     the full seq_len as an upper bound)."""
     n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-
-
-# --- distributed -------------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: gloo on CPU, NCCL on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return d
-
-
-def all_sum(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:
-    if dist_info.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(x)
-    return x
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
