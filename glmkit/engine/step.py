@@ -1,7 +1,7 @@
 """The step function: every forward the engine makes goes through Stepper, whichever path runs it.
 
     decode(seqs)          one token of each decoding sequence, each at its own position in its own cache slot
-                          -> logits [n, V]: the fused step (fast_decode.py) for quantized GLM2+ on CPU, else one
+                          -> logits [n, V]: the fused step (fast_decode.py) for quantized models on CPU, else one
                           model.forward over the slot range that holds them (rows in that range that are not
                           decoding get a dummy token written at the cache's scratch position max_seq - 1)
     prefill(seq, chunk)   the next piece of a prompt: `chunk` tokens through all layers, or -- for ChatGLM-6B's
@@ -10,7 +10,8 @@
                           layers (at least one), holding the hidden states in between. -> the last logits [V]
                           once the prompt is read, else None.
     both(seqs, seq, chunk)  on the fused path, the two in one step: the prompt's next `chunk` tokens ride in the
-                          decode step's matrix multiplies (seqs may be empty), so the weights are read once
+                          decode step's matrix multiplies (seqs may be empty; a ChatGLM-6B context when the rest
+                          of its prompt fits the chunk, read whole), so the weights are read once
                           instead of twice -> (decode logits, prefill logits or None). Measured with
                           benchmarks/prefill_chunk.py (ChatGLM3-6B INT4, 512-token prompt beside 7 decoding
                           rows, chunk 32): the prompt read in 24.7-26.4 s instead of 29.1-30.3 s; alone, at the
