@@ -62,6 +62,36 @@ def test_gelu_tanh(impl, F_):
     torch.testing.assert_close(out, F.gelu(h, approximate="tanh"), rtol=2e-6, atol=2e-7)
 
 
+def test_attend_per_head_2d_rotary_bidirectional(impl):
+    """attend_ex on ChatGLM-6B's per-head [q, k, v] rows with 2D rotary: a context of 6 tokens written (mode 1)
+    then attended whole (mode 2), against torch (apply_rope on each half, fp16 cache, SDPA without a mask)."""
+    from glmkit.model import apply_rope
+    H, D, R, n, S = 4, 32, 16, 6, 16
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(n, H, 3, D, generator=g)
+    ang = torch.rand(2, n, R // 2, generator=g) * 6                  # per token: position and block streams
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    kc, vc = torch.zeros(H, S, D, dtype=torch.float16), torch.zeros(H, S, D, dtype=torch.float16)
+    y = torch.empty(n, H * D)
+    work = qkv.clone()
+    for mode in (1, 2):
+        for t in range(n):
+            q = work[t].data_ptr()
+            c1, s1 = cos[0, t].data_ptr(), sin[0, t].data_ptr()
+            c2, s2 = cos[1, t].data_ptr(), sin[1, t].data_ptr()
+            impl.attend_ex(q, q + 4 * D, q + 8 * D, c1, s1, c2, s2, kc.data_ptr(), vc.data_ptr(), 0, 0,
+                           y[t].data_ptr(), H, H, D, R, 0, 3 * D, 3 * D, t, n, S * D, mode)
+
+    def rot(x):                                                        # x [n, H, D]
+        a = apply_rope(x[..., :R], cos[0][:, None], sin[0][:, None], False)
+        b = apply_rope(x[..., R:2 * R], cos[1][:, None], sin[1][:, None], False)
+        return torch.cat((a, b, x[..., 2 * R:]), -1)
+    q, k, v = rot(qkv[:, :, 0]), rot(qkv[:, :, 1]), qkv[:, :, 2]
+    assert torch.equal(kc[:, :n], k.transpose(0, 1).half()) and torch.equal(vc[:, :n], v.transpose(0, 1).half())
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), kc[:, :n].float(), vc[:, :n].float())
+    torch.testing.assert_close(y, want.transpose(0, 1).reshape(n, H * D), rtol=1e-5, atol=1e-6)
+
+
 # --- the step against model.forward -------------------------------------------------------------------------
 
 def _v1(bits=4, seed=1, D=64, layers=3, max_seq=96):
