@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -332,6 +333,9 @@ def prepare(args, engines: list) -> tuple[dict, dict]:
             print(f"  {r['seconds']:.0f} s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB; quantized "
                   f"{r['quantized_bytes'] / 2**30:.2f} GiB; limit 1.2x + one fp16 layer = {limit / 2**30:.2f} GiB "
                   f"({'OK' if r['peak_rss'] <= limit else 'MISSED'})", flush=True)
+        tok = float_dir / "tokenizer.model"
+        if q_dir.is_dir() and tok.is_file() and not (q_dir / tok.name).is_file():   # a folder quantized before
+            shutil.copyfile(tok, q_dir / tok.name)                                # the tokenizer was written
         if args.shape != base_shape and q_dir.is_dir():
             folders[name] = _config_twin(q_dir, args.dir / f"{args.shape}{tag}-int{bits}", args.shape)
     files = {}
