@@ -5,7 +5,8 @@ A quantized folder (default: benchmarks/decode.py's ChatGLM3-6B-shaped INT4 one)
 positions are filled with random keys and values (speed does not depend on them, and reading 32K prompt tokens
 first would take ~30 min on 2 cores), then --steps fused decode steps at pos, pos + 1, ... for every --pos, on
 an fp16 and an int8 KV cache. Prints per row tok/s, ms per step, and the step's extra time over the shortest
-position's (the attention's share), plus the KV bytes read per token.
+position's (the attention's share), plus the KV bytes read per token. One process per cache type, the
+positions in increasing order (the cache filled further for each).
 
     python benchmarks/decode_ctx.py                                   # pos 512, 8192, 32000; fp16 and int8
     python benchmarks/decode_ctx.py --pos 8192 --kv fp16 --steps 4    # one row
@@ -22,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(folder: str, pos: int, ctx: int, kv: str, steps: int, threads: int) -> dict:
+def child(folder: str, positions: list, ctx: int, kv: str, steps: int, threads: int) -> list:
     import torch
 
     from glmkit.checkpoint import load_model
@@ -39,22 +40,30 @@ def child(folder: str, pos: int, ctx: int, kv: str, steps: int, threads: int) ->
         model.config.rope_base, model.config.max_seq_len = p32.rope_base, p32.max_seq_len
         model._rope_table = None
     prepare_model(model)
-    cache = KVCache.for_model(model, 1, ctx, dtype=kv)
+    # (written so that it also runs against an older glmkit with only the fp16 cache: A/B of the kernels)
+    cache = KVCache.for_model(model, 1, ctx) if kv == "fp16" else KVCache.for_model(model, 1, ctx, dtype=kv)
+    quantized = getattr(cache, "quantized", False)
+    scales = (cache.k_scale, cache.v_scale) if quantized else ([None] * len(cache.k),) * 2
     g = torch.Generator().manual_seed(0)
-    for i in range(len(cache.k)):
-        for t, s in ((cache.k[i], cache.k_scale[i]), (cache.v[i], cache.v_scale[i])):
-            if cache.quantized:
-                t[:, :, :pos] = torch.randint(-127, 128, t[:, :, :pos].shape, dtype=torch.int8, generator=g)
-                s[:, :, :pos] = 0.02
-            else:
-                t[:, :, :pos] = torch.randn(t[:, :, :pos].shape, generator=g).to(t.dtype)
-    fd = FastDecoder(model, cache)
-    fd.step([5], [pos], [0])                                      # warm-up
-    t0 = time.perf_counter()
-    for i in range(steps):
-        fd.step([5 + i], [pos + 1 + i], [0])
-    dt = (time.perf_counter() - t0) / steps
-    return {"ms": dt * 1e3, "tps": 1 / dt, "kv_bytes_per_token": cache.bytes_per_token * (pos + 1)}
+    filled, out = 0, []
+    for pos in sorted(positions):
+        for i in range(len(cache.k)):              # random keys/values at [filled, pos)
+            for t, s in ((cache.k[i], scales[0][i]), (cache.v[i], scales[1][i])):
+                part = t[:, :, filled:pos]
+                if quantized:
+                    part.copy_(torch.randint(-127, 128, part.shape, dtype=torch.int8, generator=g))
+                    s[:, :, filled:pos] = 0.02
+                else:
+                    part.copy_(torch.randn(part.shape, generator=g))
+        filled = pos
+        fd = FastDecoder(model, cache)
+        fd.step([5], [pos], [0])                                  # warm-up
+        t0 = time.perf_counter()
+        for i in range(steps):
+            fd.step([5 + i], [pos + 1 + i], [0])
+        dt = (time.perf_counter() - t0) / steps
+        out.append({"pos": pos, "ms": dt * 1e3, "tps": 1 / dt, "kv_bytes_per_token": cache.bytes_per_token * pos})
+    return out
 
 
 def main():
@@ -80,17 +89,15 @@ def main():
     print(f"{'KV cache':8s} | {'position':>8s} | {'tok/s':>6s} | {'ms/step':>8s} | {'+ms over first':>14s} | "
           f"{'KV MB read/token':>16s}")
     for kv in args.kv.split(","):
-        first = None
-        for pos in positions:
-            cmd = [sys.executable, __file__, "--child", json.dumps([args.folder, pos, args.ctx, kv, args.steps,
-                                                                     args.threads])]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-            if p.returncode:
-                print(f"{kv:8s} | {pos:8d} | error: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            first = r["ms"] if first is None else first
-            print(f"{kv:8s} | {pos:8d} | {r['tps']:6.2f} | {r['ms']:8.1f} | {r['ms'] - first:14.1f} | "
+        cmd = [sys.executable, __file__, "--child", json.dumps([args.folder, positions, args.ctx, kv, args.steps,
+                                                                 args.threads])]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * 3600)
+        if p.returncode:
+            print(f"{kv:8s} | error: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        rows = json.loads(p.stdout.strip().splitlines()[-1])
+        for r in rows:
+            print(f"{kv:8s} | {r['pos']:8d} | {r['tps']:6.2f} | {r['ms']:8.1f} | {r['ms'] - rows[0]['ms']:14.1f} | "
                   f"{r['kv_bytes_per_token'] / 1e6:16.0f}", flush=True)
 
 

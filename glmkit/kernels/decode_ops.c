@@ -145,6 +145,10 @@ static void quant_row_i8(const float *x, int8_t *q, float *scale, long n) {
     }
 }
 
+/* keys per block: with H/G > 1 query heads per group a block is converted to fp32 once (16 KB at D = 128, in
+ * L1) and every head of the group reads that, instead of each converting the fp16 / int8 again (AVX2) */
+#define ATTEND_BLOCK 32
+
 typedef struct {
     const float *q;        /* query head h at q + h * qs, rotary applied */
     long qs;
@@ -352,7 +356,16 @@ DO_TARGET static inline __m256 ld_q8(const int8_t *p) {
     }
 DOTS(h, uint16_t, ld_h8)
 DOTS(q, int8_t, ld_q8)
+DOTS(f, float, _mm256_loadu_ps)
 #undef DOTS
+
+/* a block of cached keys or values -> fp32 (count % 8 == 0): converted once for all the heads of a group */
+DO_TARGET static void conv_h(const uint16_t *x, float *out, long count) {
+    for (long i = 0; i < count; i += 8) _mm256_storeu_ps(out + i, ld_h8(x + i));
+}
+DO_TARGET static void conv_q(const int8_t *x, float *out, long count) {
+    for (long i = 0; i < count; i += 8) _mm256_storeu_ps(out + i, ld_q8(x + i));
+}
 
 /* y[off : off + 8 NV] += sum_j p[j] v[j][off : off + 8 NV] over n keys, the 8 NV sums kept in registers */
 #define PV_SLAB(SUF, T, LD, NV)                                                                             \
@@ -370,9 +383,10 @@ PV_SLAB(h, uint16_t, ld_h8, 8)
 PV_SLAB(h, uint16_t, ld_h8, 1)
 PV_SLAB(q, int8_t, ld_q8, 8)
 PV_SLAB(q, int8_t, ld_q8, 1)
+PV_SLAB(f, float, _mm256_loadu_ps, 8)
+PV_SLAB(f, float, _mm256_loadu_ps, 1)
 #undef PV_SLAB
 
-#define ATTEND_BLOCK 64             /* keys per block: 16 KB of fp16 D=128 keys stay in L1 for the group's heads */
 
 #define ATTEND_PIECE(SUF, T)                                                                                \
     DO_TARGET static void attend_piece_##SUF(const attend_job *J, int it, float *s) {                      \
@@ -382,18 +396,23 @@ PV_SLAB(q, int8_t, ld_q8, 1)
         const T *K = (const T *)J->kc + g * J->stride + j0 * D, *V = (const T *)J->vc + g * J->stride + j0 * D; \
         const float *ks = J->ksc ? J->ksc + g * ss + j0 : NULL, *vs = J->vsc ? J->vsc + g * ss + j0 : NULL;  \
         const __m128 sc = _mm_set1_ps(J->scale);                                                            \
+        float *kb = s + (long)rep * J->clen;                 /* this thread's fp32 block */                 \
         for (long b0 = 0; b0 < n; b0 += ATTEND_BLOCK) {                                                     \
             const long b1 = b0 + ATTEND_BLOCK < n ? b0 + ATTEND_BLOCK : n;                                  \
+            if (rep > 1) conv_##SUF(K + b0 * D, kb, (b1 - b0) * D);                                         \
             for (int r = 0; r < rep; r++) {                                                                 \
                 const float *q = J->q + (long)(g * rep + r) * J->qs;                                        \
                 float *sr = s + (long)r * J->clen;                                                          \
                 long j = b0;                                                                                \
                 for (; j + 4 <= b1; j += 4) {                                                               \
-                    __m128 d = _mm_mul_ps(dot4_##SUF(q, K + j * D, D), sc);                                 \
+                    __m128 d = rep > 1 ? dot4_f(q, kb + (j - b0) * D, D) : dot4_##SUF(q, K + j * D, D);     \
+                    d = _mm_mul_ps(d, sc);                                                                  \
                     if (ks) d = _mm_mul_ps(d, _mm_loadu_ps(ks + j));                                        \
                     _mm_storeu_ps(sr + j, d);                                                               \
                 }                                                                                           \
-                for (; j < b1; j++) sr[j] = dot1_##SUF(q, K + j * D, D) * J->scale * (ks ? ks[j] : 1.0f);   \
+                for (; j < b1; j++)                                                                         \
+                    sr[j] = (rep > 1 ? dot1_f(q, kb + (j - b0) * D, D) : dot1_##SUF(q, K + j * D, D)) *     \
+                            J->scale * (ks ? ks[j] : 1.0f);                                                 \
             }                                                                                               \
         }                                                                                                   \
         float mx[rep], sum[rep];                                                                            \
@@ -426,11 +445,17 @@ PV_SLAB(q, int8_t, ld_q8, 1)
         }                                                                                                   \
         for (long b0 = 0; b0 < n; b0 += ATTEND_BLOCK) {                                                     \
             const long b1 = b0 + ATTEND_BLOCK < n ? b0 + ATTEND_BLOCK : n;                                  \
+            if (rep > 1) conv_##SUF(V + b0 * D, kb, (b1 - b0) * D);                                         \
             for (int r = 0; r < rep; r++) {                                                                 \
                 const float *p = s + (long)r * J->clen + b0;                                                \
                 float *y = J->nchunk > 1 ? J->part + ((long)it * rep + r) * (D + 2) + 2                    \
                                          : J->y + (long)(g * rep + r) * D;                                  \
                 int off = 0;                                                                                \
+                if (rep > 1) {                                                                              \
+                    for (; off + 64 <= D; off += 64) pv_f8(p, kb, b1 - b0, D, off, y);                      \
+                    for (; off < D; off += 8) pv_f1(p, kb, b1 - b0, D, off, y);                             \
+                    continue;                                                                               \
+                }                                                                                           \
                 for (; off + 64 <= D; off += 64) pv_##SUF##8(p, V + b0 * D, b1 - b0, D, off, y);            \
                 for (; off < D; off += 8) pv_##SUF##1(p, V + b0 * D, b1 - b0, D, off, y);                   \
             }                                                                                               \
@@ -456,7 +481,7 @@ static void attend_task(void *ctx, int tid, int nth) {
     const attend_job *J = (const attend_job *)ctx;
     const int items = J->G * J->nchunk;
     const int i0 = (int)((long)items * tid / nth), i1 = (int)((long)items * (tid + 1) / nth);
-    float *s = J->scores + (long)tid * (J->H / J->G) * J->clen;
+    float *s = J->scores + (long)tid * ((long)(J->H / J->G) * J->clen + ATTEND_BLOCK * J->D);
     for (int it = i0; it < i1; it++) {
 #if DO_X86
         if (J->avx2) {
@@ -570,7 +595,7 @@ static int attend_run(const attend_args *A) {
     J.nchunk = nchunk;
     J.clen = (int)((A->kv_len + nchunk - 1) / nchunk);
     const long rep = H / G;
-    J.scores = (float *)malloc(sizeof(float) * (size_t)nth * (size_t)rep * (size_t)J.clen);
+    J.scores = (float *)malloc(sizeof(float) * (size_t)nth * ((size_t)rep * (size_t)J.clen + ATTEND_BLOCK * (size_t)D));
     J.part = nchunk > 1 ? (float *)malloc(sizeof(float) * (size_t)(G * nchunk * rep * (D + 2))) : NULL;
     if (!J.scores || (nchunk > 1 && !J.part)) {
         free(J.scores);
