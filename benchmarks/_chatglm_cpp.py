@@ -40,10 +40,17 @@ def write_chatglm6b(folder: Path, out: Path, qtype: str) -> int:
     INT8 for q8_0) -> its size in bytes."""
     import torch
 
-    from glmkit.gguf_export import _FolderSource, q4_0_blocks, q8_0_blocks
+    import glmkit.gguf_export as ge
+    from glmkit.gguf_export import q4_0_blocks, q8_0_blocks
     if qtype not in GGML_TYPES:
         raise ValueError(f"qtype {qtype!r}: choose from {', '.join(GGML_TYPES)}")
-    src = _FolderSource(Path(folder))
+    # the GGUF exporter's folder reader, without its check that llama.cpp can run the model (it cannot run
+    # ChatGLM-6B; chatglm.cpp can)
+    check, ge._check_supported = ge._check_supported, lambda cfg: None
+    try:
+        src = ge._FolderSource(Path(folder))
+    finally:
+        ge._check_supported = check
     cfg = src.cfg
     if cfg.family != "chatglm":
         raise ValueError(f"{folder} is {cfg.family}, not ChatGLM-6B")
