@@ -69,21 +69,23 @@ def official_tensor_specs(hf_config: dict, family: str = "chatglm3") -> list[tup
     with torch.device("meta"):      # shapes only, no memory
         model = glmkit.model.GLM(cfg)
     specs = []
+    layout = "chatglm" if family == "chatglm" else "chatglm2"     # ChatGLM-6B's names, or GLM2+'s
     for ours, param in model.named_parameters():
         parts = ours.split(".")
         if parts[0] == "layers":    # layers.{i}.rest -> key pattern with {i}, layer index kept apart
             key, layer = ".".join(["layers", "{i}"] + parts[2:]), parts[1]
-            official = glmkit.checkpoint.KEY_MAPS["chatglm2"][key].replace("{i}", layer)
+            official = glmkit.checkpoint.KEY_MAPS[layout][key].replace("{i}", layer)
         else:
-            official = glmkit.checkpoint.KEY_MAPS["chatglm2"][ours]
+            official = glmkit.checkpoint.KEY_MAPS[layout][ours]
         specs.append((official, tuple(param.shape)))
-    # the official files also carry the rotary inverse frequencies (rope_dim // 2 values), in the first shard
-    specs.insert(1, ("transformer.rotary_pos_emb.inv_freq", (cfg.rope_dim // 2,)))
+    if layout == "chatglm2":
+        # the official files also carry the rotary inverse frequencies (rope_dim // 2 values), in the first shard
+        specs.insert(1, ("transformer.rotary_pos_emb.inv_freq", (cfg.rope_dim // 2,)))
     return specs
 
 
 def write_checkpoint(ckpt_dir: Path, layers: int, hf_config: dict | None = None, family: str = "chatglm3",
-                     tokenizer_dir: Path | None = OFFICIAL_DIR):
+                     tokenizer_dir: Path | None = OFFICIAL_DIR, tokenizer_files=TOKENIZER_FILES):
     """Random bf16 weights in the official layout, generated shard by shard so memory stays ~one shard.
     Default: ChatGLM3-6B's published config.json; another generation's (e.g. a preset's) when given."""
 
@@ -106,7 +108,7 @@ def write_checkpoint(ckpt_dir: Path, layers: int, hf_config: dict | None = None,
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    for name in TOKENIZER_FILES if tokenizer_dir else ():
+    for name in tokenizer_files if tokenizer_dir else ():
         shutil.copyfile(tokenizer_dir / name, ckpt_dir / name)
 
     gen = torch.Generator().manual_seed(0)

@@ -42,6 +42,19 @@ class SeqState(NamedTuple):
     mask_pos: torch.Tensor
 
 
+class CausalMask(NamedTuple):
+    """A causal mask left unmaterialised (long prompts: a [T, S] bool mask of an 8K prompt is 64 MB, 1 GB once
+    expanded over ChatGLM3's 16 query heads per group, and SDPA converts it to float). Query t of row b sees the
+    cache's prefix_len virtual tokens and key positions <= pos[b, t]; Attention builds the mask a block of
+    queries at a time, each block attending only to the keys up to its last position."""
+    pos: torch.Tensor                 # [B, T] the queries' cache positions
+    prefix_len: int
+
+
+LAZY_MASK_ELEMENTS = 1 << 22          # T x S from which attention_inputs hands out a CausalMask (2K x 2K)
+MASK_BLOCK_ELEMENTS = 1 << 24         # (H/G) x query rows x keys of one block's mask
+
+
 class Norm(nn.Module):
     def __init__(self, dim: int, kind: str, eps: float):
         super().__init__()
@@ -99,11 +112,11 @@ class Attention(nn.Module):
         return torch.cat((apply_rope(x[..., :R], c, s, cfg.rope_interleaved), x[..., R:]), dim=-1)
 
     def forward(self, x, rope, mask, cache=None, cache_pos=None, kv_len=None, row0=0):
-        """x [B, T, C]; rope: per position stream (cos, sin) [B, T, 1, R/2]; mask [B, 1, T, S] bool (True = see)
-        or None (every key visible)."""
+        """x [B, T, C]; rope: per position stream (cos, sin) [B, T, 1, R/2]; mask [B, 1, T, S] bool (True = see),
+        None (every key visible) or a CausalMask."""
         cfg = self.cfg
         B, T, _ = x.shape
-        H, G, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        H, D = cfg.num_heads, cfg.head_dim
         q, k, v = self._split_qkv(self.qkv(x))
         q, k = self._rope(q, rope).to(x.dtype), self._rope(k, rope).to(x.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H|G, T, D]
@@ -111,7 +124,17 @@ class Attention(nn.Module):
             k, v = cache.update(self.index, k, v, cache_pos, kv_len, row0)     # [B, G, S, D]
             if k.dtype != q.dtype:                                              # an fp16 cache (quantized)
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        S = k.shape[2]
+        if isinstance(mask, CausalMask):
+            y = self._causal_blocks(q, k, v, mask)
+        else:
+            y = self._attend(q, k, v, mask)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.out(y)
+
+    def _attend(self, q, k, v, mask):
+        """q [B, H, T, D], k/v [B, G, S, D], mask [B, 1, T, S] bool or None -> [B, H, T, D]."""
+        B, H, T, D = q.shape
+        G, S = k.shape[1], k.shape[2]
         # Fold the H/G query heads that share a key/value group into the query axis, so the grouped keys
         # are used as they are (no copy): q [B, G, (H/G)*T, D] against k [B, G, S, D].
         rep = H // G
@@ -125,8 +148,23 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)           # [B, G, rep*T, D]
-        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.out(y)
+        return y.reshape(B, H, T, D)
+
+    def _causal_blocks(self, q, k, v, mask: CausalMask):
+        """Causal attention a block of queries at a time: each block's mask [B, 1, rows, keys up to its last
+        position] is built for it, so no [T, S] mask exists and keys after a block are not even read."""
+        B, H, T, D = q.shape
+        G, S = k.shape[1], k.shape[2]
+        P = mask.prefix_len
+        rows = max(1, MASK_BLOCK_ELEMENTS // ((H // G) * S))
+        key_pos = torch.arange(S, device=q.device) - P              # the prefix's keys: negative, always seen
+        out = []
+        for i in range(0, T, rows):
+            pos = mask.pos[:, i:i + rows]                                       # [B, t]
+            hi = min(S, P + int(pos.max()) + 1)
+            m = (key_pos[None, None, :hi] <= pos[:, :, None]).unsqueeze(1)      # [B, 1, t, hi]
+            out.append(self._attend(q[:, :, i:i + rows], k[:, :, :hi], v[:, :, :hi], m))
+        return torch.cat(out, dim=2)
 
 
 class MLP(nn.Module):
@@ -300,9 +338,11 @@ class GLM(nn.Module):
         What the caller gives is used as given; only what is missing is derived: positions from cache_pos
         (ChatGLM-6B's 2D positions from the SeqState), the mask causal (plus ChatGLM-6B's bidirectional
         context). The SeqState is derived from input_ids only when a missing piece needs it.
-        mask None means every key is visible (a decode step of one row, or a bidirectional context)."""
+        mask None means every key is visible (a decode step of one row, or a bidirectional context); a long
+        plain causal mask (T x S >= LAZY_MASK_ELEMENTS) comes as a CausalMask, built a block at a time."""
         cfg = self.config
         B, T = input_ids.shape
+        given_pos = cache_pos is not None
         if cache_pos is None:
             cache_pos = torch.arange(T, device=input_ids.device).expand(B, T)
         needs_state = (position_ids is None and cfg.rope_2d) or (attention_mask is None and cfg.prefix_lm)
@@ -312,6 +352,9 @@ class GLM(nn.Module):
         mask = attention_mask
         if mask is None:
             keys = cache_pos if kv_len is None else torch.arange(kv_len, device=input_ids.device)
+            if (not cfg.prefix_lm and T * keys.shape[-1] >= LAZY_MASK_ELEMENTS
+                    and (kv_len is not None or not given_pos)):          # key j is position j
+                return rope, CausalMask(cache_pos, prefix_len), cache_pos
             mask = self._mask_for(cache_pos, keys, state)
             if bool(mask.all()):
                 mask = None                            # SDPA needs no mask when every key is visible

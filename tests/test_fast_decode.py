@@ -205,7 +205,9 @@ def test_why_not_names_the_reason(monkeypatch):
                      rope_interleaved=False)
     monkeypatch.delenv("GLMKIT_FAST_DECODE")
     m1 = quantize_model(GLM(v1).init_weights(seed=0), QuantSpec.parse("int4"))
-    assert "ChatGLM-6B" in why_not(m1, KVCache.for_model(m1, 1, 32))
+    assert why_not(m1, KVCache.for_model(m1, 1, 32)) is None                # ChatGLM-6B takes the fused path too
+    mixed = quantize_model(GLM(v1.replace(activation="swiglu")).init_weights(seed=0), QuantSpec.parse("int4"))
+    assert "ChatGLM-6B" in why_not(mixed, KVCache.for_model(mixed, 1, 32))  # a layout it does not know
 
 
 def _greedy(model, prompt, n):

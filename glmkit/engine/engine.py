@@ -132,8 +132,10 @@ class TokenStream:
 
 class Engine:
     def __init__(self, model: GLM, max_seq: int, slots: int = 1, *, cache_mb: Optional[float] = None,
-                 prefill_chunk: Optional[int] = None, max_queue: int = 64, ptuning: Optional[torch.Tensor] = None):
-        """ptuning: P-tuning v2 keys/values [layers, 2, G, P, D] in front of every sequence (adapters/ptuning.py)."""
+                 prefill_chunk: Optional[int] = None, max_queue: int = 64, ptuning: Optional[torch.Tensor] = None,
+                 kv_dtype=None):
+        """ptuning: P-tuning v2 keys/values [layers, 2, G, P, D] in front of every sequence (adapters/ptuning.py).
+        kv_dtype: the KV cache's (KVCache.for_model: None = fp16 for quantized models, else theirs; "int8")."""
         cfg = model.config
         self.model = model
         self.max_seq = min(max_seq, cfg.max_seq_len)
@@ -145,6 +147,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(model)
         self.max_queue = max_queue
         self.ptuning = ptuning
+        self.kv_dtype = kv_dtype
         self.stats = EngineStats()
         self.cache: Optional[KVCache] = None           # allocated at the first step (a Pipeline that only
         self.prefix: Optional[PrefixCache] = None      # hands its model to a server never allocates its own)
@@ -160,7 +163,8 @@ class Engine:
     # --- setup ------------------------------------------------------------------------------------------------
     def ensure_cache(self) -> KVCache:
         if self.cache is None:
-            self.cache = KVCache.for_model(self.model, self.slots, self.max_seq, prefix=self.ptuning)
+            self.cache = KVCache.for_model(self.model, self.slots, self.max_seq, dtype=self.kv_dtype,
+                                            prefix=self.ptuning)
             self.prefix = PrefixCache(int(self.cache_mb * 2**20), self.cache.bytes_per_token, PREFIX_BLOCK)
             self.stepper = Stepper(self.model, self.cache)
         return self.cache
@@ -256,7 +260,7 @@ class Engine:
                 decoding = [s for s in self.running if s.decoding]
                 if reading is not None and not reading.prefill.begun:
                     self._begin(reading)
-                if reading is not None and self.stepper.can_merge(reading):
+                if reading is not None and self.stepper.can_merge(reading, self.prefill_chunk):
                     self._prefill_and_decode(reading, decoding)    # one step on the fused path
                 else:
                     if reading is not None:

@@ -1,7 +1,7 @@
 """The step function: every forward the engine makes goes through Stepper, whichever path runs it.
 
     decode(seqs)          one token of each decoding sequence, each at its own position in its own cache slot
-                          -> logits [n, V]: the fused step (fast_decode.py) for quantized GLM2+ on CPU, else one
+                          -> logits [n, V]: the fused step (fast_decode.py) for quantized models on CPU, else one
                           model.forward over the slot range that holds them (rows in that range that are not
                           decoding get a dummy token written at the cache's scratch position max_seq - 1)
     prefill(seq, chunk)   the next piece of a prompt: `chunk` tokens through all layers, or -- for ChatGLM-6B's
@@ -10,7 +10,8 @@
                           layers (at least one), holding the hidden states in between. -> the last logits [V]
                           once the prompt is read, else None.
     both(seqs, seq, chunk)  on the fused path, the two in one step: the prompt's next `chunk` tokens ride in the
-                          decode step's matrix multiplies (seqs may be empty), so the weights are read once
+                          decode step's matrix multiplies (seqs may be empty; a ChatGLM-6B context when the rest
+                          of its prompt fits the chunk, read whole), so the weights are read once
                           instead of twice -> (decode logits, prefill logits or None). Measured with
                           benchmarks/prefill_chunk.py (ChatGLM3-6B INT4, 512-token prompt beside 7 decoding
                           rows, chunk 32): the prompt read in 24.7-26.4 s instead of 29.1-30.3 s; alone, at the
@@ -71,7 +72,9 @@ class Stepper:
         if self.fast is not None:
             self.fast = fast_decoder(self.model, self.cache, self.fast)
         if self.fast is not None:
-            return self.fast.step([s.next_tok for s in seqs], [s.pos for s in seqs], [s.slot for s in seqs])
+            ctx, mpos = self._prefix_lm(seqs)
+            return self.fast.step([s.next_tok for s in seqs], [s.pos for s in seqs], [s.slot for s in seqs],
+                                  ctx=ctx, mask_pos=mpos)
         model, dev = self.model, self.model.device
         lo = min(s.slot for s in seqs)
         B = max(s.slot for s in seqs) + 1 - lo
@@ -92,9 +95,18 @@ class Stepper:
                                kv_len=kv_len, row0=lo, state=state)
         return logits[torch.tensor([s.slot - lo for s in seqs], device=dev), -1]
 
+    def _prefix_lm(self, seqs):
+        """ChatGLM-6B on the fused path: each sequence's (context length, mask position); else (None, None)."""
+        if not self.fast.v1:
+            return None, None
+        return [int(s.state.ctx_len[0]) for s in seqs], [int(s.state.mask_pos[0]) for s in seqs]
+
     # --- a prompt chunk and a decode step together (fused path) ----------------------------------------------
-    def can_merge(self, seq) -> bool:
-        return self.fast is not None and seq.prefill.ctx_len == 0
+    def can_merge(self, seq, chunk: int = 0) -> bool:
+        """On the fused path; a ChatGLM-6B context (read whole) only when the rest of the prompt fits the chunk
+        (longer ones go a layer range at a time through prefill())."""
+        pf: Prefill = seq.prefill
+        return self.fast is not None and (pf.next >= pf.ctx_len or pf.ids.shape[1] - pf.next <= chunk)
 
     def both(self, seqs, seq, chunk: int):
         pf: Prefill = seq.prefill
@@ -104,7 +116,11 @@ class Stepper:
         pos = [x.pos for x in seqs] + list(range(s, e))
         rows = [x.slot for x in seqs] + [seq.slot] * (e - s)
         want = list(range(len(seqs))) + ([len(toks) - 1] if e == n else [])
-        logits = self.fast.step(toks, pos, rows, logits_for=want)
+        ctx, mpos = self._prefix_lm(seqs)
+        if ctx is not None:
+            ctx += [pf.ctx_len] * (e - s)
+            mpos += [int(pf.state.mask_pos[0])] * (e - s)
+        logits = self.fast.step(toks, pos, rows, logits_for=want, ctx=ctx, mask_pos=mpos)
         pf.next = seq.pos = e
         return logits[:len(seqs)], (logits[-1] if e == n else None)
 

@@ -1147,6 +1147,7 @@ static PyMethodDef methods[] = {
     {"rmsnorm", (PyCFunction)(void (*)(void))qg_py_rmsnorm, METH_FASTCALL, qg_rmsnorm_doc},
     {"attend", (PyCFunction)(void (*)(void))qg_py_attend, METH_FASTCALL, qg_attend_doc},
     {"swiglu", (PyCFunction)(void (*)(void))qg_py_swiglu, METH_FASTCALL, qg_swiglu_doc},
+    QG_DECODE_OPS_MORE
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_qgemm",

@@ -21,6 +21,16 @@ int qg_arg_ll(PyObject *o, long long *out);
 PyObject *qg_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qg_py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *qg_py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qg_py_layernorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qg_py_gelu(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *qg_py_attend_ex(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 extern const char qg_rmsnorm_doc[], qg_attend_doc[], qg_swiglu_doc[];
+extern const char qg_layernorm_doc[], qg_gelu_doc[], qg_attend_ex_doc[];
+
+/* the method-table entries of decode_ops.c's later ops (qgemm.c's table includes them) */
+#define QG_DECODE_OPS_MORE                                                                             \
+    {"layernorm", (PyCFunction)(void (*)(void))qg_py_layernorm, METH_FASTCALL, qg_layernorm_doc},     \
+    {"gelu", (PyCFunction)(void (*)(void))qg_py_gelu, METH_FASTCALL, qg_gelu_doc},                     \
+    {"attend_ex", (PyCFunction)(void (*)(void))qg_py_attend_ex, METH_FASTCALL, qg_attend_ex_doc},
 
 #endif
