@@ -342,7 +342,7 @@ class Pipeline:
     def start_generate(self, prompt, logprobs: Optional[int] = None, **sampling) -> ChatRun:
         """logprobs: None, or k >= 0 alternatives per token (.response.logprobs)."""
         params = self.sampling_params(**sampling)
-        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode_for_generation(prompt)
         if len(ids) >= self.ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
         return ChatRun(self, Prompt(ids=ids), params, raw=True, logprobs=logprobs)
@@ -366,6 +366,8 @@ class Pipeline:
         examples (transformers' generate()) fill blanks.
         """
         cfg = self.config
+        if cfg.family == "glm":
+            return self._infill_glm(text, **sampling)
         if not (cfg.prefix_lm and cfg.rope_2d):
             name = FAMILY_NAMES.get(cfg.family, cfg.family)
             raise ValueError(f"infilling needs a blank-filling GLM (ChatGLM-6B: prefix attention, 2D positions); "
@@ -391,6 +393,87 @@ class Pipeline:
             stats.append(run.stats)
             done += span + parts[k + 1]
         return Infilled(done, spans, stats)
+
+
+    def _infill_glm(self, text: str, **sampling) -> Infilled:
+        """Original GLM: [CLS] text <|endoftext|> <|startofpiece|>, the span generated at the first remaining
+        mask (block positions 1, 2, ...) until <|endofpiece|>, then its tokens put in place of that mask token and
+        the next mask filled, left to right. The text comes back with each mask replaced by its span's text (the
+        whitespace the tokenizer drops next to a mask dropped once where the span brings its own)."""
+        tok, cfg = self.tokenizer, self.config
+        parts = MASK_TEXT.split(text)
+        if len(parts) == 1:
+            raise ValueError("the text has no [MASK], [sMASK] or [gMASK] to fill (to continue a text, use "
+                             "generate, or end the text with [gMASK])")
+        if sampling.get("temperature") is None and not sampling.get("do_sample"):
+            sampling["temperature"] = 0.0
+        params = self.sampling_params(**sampling)
+        # glm-10b-chinese's [gMASK] is a copy of <|endofpiece|> (GLM issue #55; its config bans it as
+        # bad_words_id): generated, it ends the span as <|endofpiece|> does
+        stops = list(self.chat_format.stop_ids) + list(cfg.extra.get("bad_words_id") or [])
+        ids = tok.encode(text)
+        done, spans, stats = parts[0], [], []
+        for k in range(1, len(parts), 2):
+            m = next(i for i, t in enumerate(ids) if t in tok.mask_ids)
+            prompt = ids + [tok.special["<|startofpiece|>"]]
+            if len(prompt) >= self.ctx:
+                raise ContextOverflow(f"prompt of {len(prompt)} tokens does not fit the context window of {self.ctx}")
+            state = SeqState(torch.tensor([len(ids)]), torch.tensor([m]))
+            stream = self.engine.generate(prompt, params, stops, state)
+            new = [t for t in stream if t not in stops]
+            span = tok.decode(new)
+            spans.append(span)
+            stats.append(stream.stats)
+            ids = ids[:m] + new + ids[m + 1:]
+            done = (done.rstrip() if span[:1].isspace() else done) + span + parts[k + 1]
+        return Infilled(done, spans, stats)
+
+    # --- multiple choice ---------------------------------------------------------------------------------
+    def score_choices(self, context: str, choices: Sequence[str], length_normalize: bool = False) -> list[float]:
+        """The summed log-probability of each choice's tokens (divided by their number with length_normalize),
+        all choices packed after the context in one forward (glmkit/choices.py). Blank-filling GLMs (original
+        GLM, ChatGLM-6B) score each choice as the span of the context's first mask ([gMASK] appended when there
+        is none); causal ones (ChatGLM2/3, GLM-4) as the answer to the context sent as a user message."""
+        tok, cfg = self.tokenizer, self.config
+        if isinstance(choices, str) or not choices:
+            raise ValueError("choices must be a non-empty list of strings")
+        if cfg.prefix_lm:
+            ids = tok.encode_for_generation(context)
+            ctx = ids[:-1] if ids and ids[-1] == cfg.sop_token_id else ids
+            mask_pos = None
+            choice_ids = [tok.encode(c, add_special_tokens=False) for c in choices]
+        else:
+            ctx = self.chat_format.render([{"role": "user", "content": context}]).ids
+            mask_pos, choice_ids = -1, [tok.encode_plain(c) for c in choices]
+        for c, ci in zip(choices, choice_ids):
+            if not ci:
+                raise ValueError(f"choice {c!r} encodes to no tokens")
+        return self.score_choice_ids(ctx, choice_ids, length_normalize, mask_pos)
+
+    def score_choice_ids(self, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
+                         length_normalize: bool = False, mask_pos: Optional[int] = None) -> list[float]:
+        """score_choices over token ids: context_ids without <sop> (blank-filling GLMs: [CLS] ... <eos>, the
+        mask position its first mask token unless mask_pos says otherwise) or the whole prompt (causal GLMs)."""
+        from . import choices as mc
+        cfg = self.config
+        ctx = [int(i) for i in context_ids]
+        if cfg.prefix_lm and mask_pos is None:
+            mask_pos = int(self.model.sequence_state(torch.tensor([ctx])).mask_pos[0])
+            if mask_pos < 0:
+                raise ValueError("the context has no mask token for the choices to fill")
+        packed = mc.pack(ctx, choice_ids, cfg.sop_token_id, mask_pos, two_d=cfg.prefix_lm)
+        if packed.ids.shape[1] > cfg.max_seq_len:
+            raise ContextOverflow(f"the context and all choices take {packed.ids.shape[1]} tokens, more than the "
+                                  f"model's {cfg.max_seq_len} positions")
+        return mc.score(self.model, packed, length_normalize)
+
+
+def _sync_glm_ids(cfg, tok) -> None:
+    """Original GLM: the token ids the model derives positions from are the tokenizer's (its folder's files)."""
+    sp = tok.special
+    cfg.mask_token_id, cfg.sop_token_id = sp["[MASK]"], sp["<|startofpiece|>"]
+    cfg.gmask_token_id, cfg.smask_token_id = sp.get("[gMASK]"), sp.get("[sMASK]")
+    cfg.eos_token_id, cfg.pad_token_id = sp["<|endofpiece|>"], sp["<|endoftext|>"]
 
 
 def _generation_defaults(path: Path) -> dict:
@@ -438,6 +521,8 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
         from .quant import prepare_model
         prepare_model(model)          # pack weights for the fast CPU kernels (no-op where they cannot run)
     tok = load_tokenizer(path, model.config.family)
+    if model.config.family == "glm":
+        _sync_glm_ids(model.config, tok)
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size} embedding rows")

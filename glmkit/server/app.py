@@ -423,7 +423,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         if isinstance(p, str):
             if not p:
                 raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
-            ids = tok.encode(p)        # GLM: [gMASK]<sop> appended; a prompt with [MASK]/[sMASK] is infilled
+            ids = tok.encode_for_generation(p)   # GLM: [gMASK]<sop> appended; a prompt with a mask is infilled
             prompt_text = p
         else:
             if not p:
