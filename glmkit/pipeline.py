@@ -441,10 +441,10 @@ class Pipeline:
             ids = tok.encode_for_generation(context)
             ctx = ids[:-1] if ids and ids[-1] == cfg.sop_token_id else ids
             mask_pos = None
-            choice_ids = [tok.encode(c, add_special_tokens=False) for c in choices]
         else:
             ctx = self.chat_format.render([{"role": "user", "content": context}]).ids
-            mask_pos, choice_ids = -1, [tok.encode_plain(c) for c in choices]
+            mask_pos = None
+        choice_ids = [tok.encode_span(c) for c in choices]
         for c, ci in zip(choices, choice_ids):
             if not ci:
                 raise ValueError(f"choice {c!r} encodes to no tokens")

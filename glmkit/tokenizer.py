@@ -64,6 +64,10 @@ class Tokenizer:
         """Raw text -> the ids a completion starts from (ChatGLM/GLM-4: what encode() gives)."""
         return self.encode(text)
 
+    def encode_span(self, text: str) -> list[int]:
+        """Text as it stands after a prompt (a multiple-choice answer or blank) -> ids."""
+        return self.encode_plain(text)
+
     def token_id(self, token: str) -> int:
         if token in self.special:
             return self.special[token]
@@ -174,6 +178,9 @@ class ChatGLM6BTokenizer(Tokenizer):
                 ids.append(self.special["<sop>"])
         return ids
 
+    def encode_span(self, text: str) -> list[int]:
+        return self.encode_plain(text, dummy_prefix=False)     # inside a text: no SentencePiece "▁" first
+
     def _decode_plain(self, ids: Sequence[int]) -> str:
         # ids outside the SentencePiece vocabulary (image ids, the embedding's padding rows up to the
         # model's vocab size, which a sampler can pick) decode to nothing instead of raising
@@ -271,6 +278,9 @@ class GLMTokenizer(Tokenizer):
         if add_special_tokens:
             ids = [self.special["[CLS]"]] + ids + [self.special["<|endoftext|>"]]
         return ids
+
+    def encode_span(self, text: str) -> list[int]:
+        return self.encode(text, add_special_tokens=False)      # as build_inputs_for_multiple_choice does
 
     def encode_for_generation(self, text: str) -> list[int]:
         """[CLS] text <|endoftext|> <|startofpiece|>, as build_inputs_for_generation extends it; text without a
