@@ -26,6 +26,15 @@ def expected():
     return json.loads((ORIG / "expected.json").read_text())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models of 64 hidden units: one thread is faster, and on a loaded machine much faster (no OpenMP waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --- a GPT-2-format tokenizer (vocab.json + merges.txt) the test builds: the fixtures ship none ----------------
 
 def write_gpt2_tokenizer(folder, corpus: str, n_vocab: int = 50257):
@@ -298,47 +307,56 @@ FACTS = [("法国", "巴黎"), ("日本", "东京"), ("英国", "伦敦"), ("德
 
 
 def test_trained_tiny_glm_ranks_the_right_choice_first():
-    """A 1-layer original GLM trained here for a few seconds on six cloze facts (its positions, masks and loss
-    built by hand as GLM trains) ranks each fact's own answer first among all six answers."""
+    """A 1-layer original GLM trained here in a few seconds on six cloze facts (its positions, masks and loss
+    built by hand as GLM trains; the facts' cog-pretrain ids renumbered into a 64-token vocabulary) ranks each
+    fact's own answer first among all six, in one packed forward equal to one forward per choice."""
     from glmkit.config import ModelConfig
     from glmkit.model import GLM as Model
     from glmkit.pipeline import Pipeline
     from glmkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ORIG / "glm-large-chinese", "glm")
-    cfg = ModelConfig(family="glm", vocab_size=50048, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+    sp = tok.special
+    facts = [(tok.encode(f"{country}的首都是[MASK]。"), tok.encode_span(city)) for country, city in FACTS]
+    used = sorted({t for c, a in facts for t in c + a} | {sp["<|startofpiece|>"], sp["<|endofpiece|>"]})
+    small = {t: i for i, t in enumerate(used)}
+    S = small.__getitem__
+    cfg = ModelConfig(family="glm", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                       head_dim=16, ffn_hidden_size=64, max_seq_len=64, norm="layernorm", activation="gelu_erf",
                       out_bias=True, mlp_bias=True, prefix_lm=True, pos_embedding="learned_2d", first_mask_any=True,
-                      tie_word_embeddings=True, mask_token_id=50003, gmask_token_id=50009, smask_token_id=50008,
-                      sop_token_id=50006, eos_token_id=50007, pad_token_id=50000)
+                      tie_word_embeddings=True, mask_token_id=S(sp["[MASK]"]), sop_token_id=S(sp["<|startofpiece|>"]),
+                      eos_token_id=S(sp["<|endofpiece|>"]), pad_token_id=S(sp["<|endoftext|>"]))
+    facts = [([S(t) for t in c], [S(t) for t in a]) for c, a in facts]
     torch.manual_seed(0)
     model = Model(cfg).init_weights(std=0.05, seed=0)
     rows = []
-    for country, city in FACTS:
-        ctx = tok.encode(f"{country}的首都是[MASK]。")
-        ans = tok.encode_span(city) + [50007]
-        ids = ctx + [50006] + ans[:-1]
-        L, m = len(ctx), ctx.index(50003)
-        T = len(ids)
+    for ctx, ans in facts:
+        ans = ans + [cfg.eos_token_id]
+        ids = ctx + [cfg.sop_token_id] + ans[:-1]
+        L, m, T = len(ctx), ctx.index(cfg.mask_token_id), len(ctx) + len(ans)
         pos = [[i if i < L else m for i in range(T)], [0 if i < L else i - L + 1 for i in range(T)]]
         q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        tgt = [-100] * L + ans
         rows.append((torch.tensor([ids]), torch.tensor([pos]), ((k <= q) | (k < L))[None, None],
-                     torch.tensor([tgt])))
+                     torch.tensor([[-100] * L + ans])))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(100):
         opt.zero_grad()
-        loss = sum(model(i, position_ids=p, attention_mask=a, targets=t) for i, p, a, t in rows)
-        loss.backward()
+        sum(model(i, position_ids=p, attention_mask=a, targets=t) for i, p, a, t in rows).backward()
         opt.step()
     model.eval()
     pipe = Pipeline(model, tok)
-    cities = [c for _, c in FACTS]
-    for country, city in FACTS:
-        scores = pipe.score_choices(f"{country}的首都是[MASK]。", cities)
-        assert cities[max(range(len(cities)), key=scores.__getitem__)] == city
-        assert scores == pytest.approx(brute_force(pipe, f"{country}的首都是[MASK]。", cities), abs=1e-4)
+    answers = [a for _, a in facts]
+    for j, (ctx, ans) in enumerate(facts):
+        scores = pipe.score_choice_ids(ctx, answers)
+        assert max(range(len(answers)), key=scores.__getitem__) == j
+        one_by_one = []
+        for a in answers:
+            ids = ctx + [cfg.sop_token_id] + a[:-1]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+            one_by_one.append(sum(float(lp[len(ctx) + i, t]) for i, t in enumerate(a)))
+        assert scores == pytest.approx(one_by_one, abs=1e-4)
 
 
 def test_chat_is_refused_with_a_clear_error(pipes):
