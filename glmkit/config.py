@@ -184,8 +184,8 @@ def from_hf(d: dict, family: Optional[str] = None) -> ModelConfig:
         if arch and not any(a in ("GlmForCausalLM", "GlmModel") for a in arch):
             raise ConfigError(
                 f"config.json has model_type 'glm' with architectures {arch} but no block_position_encoding: "
-                "neither the 2021 THUDM GLM (glm-10b / glm-large-chinese, which has it) nor transformers' "
-                "GlmForCausalLM (glm-4-9b-chat-hf)")
+                "a 2021 THUDM/GLM config (glm-10b, glm-large-chinese, ...) as published carries it, and "
+                "transformers' GlmForCausalLM (glm-4-9b-chat-hf) names that architecture")
         return _from_glm_hf(d)
     raise ConfigError(
         f"config.json has model_type {mt!r}, which is not a GLM-family model; glmkit loads "
