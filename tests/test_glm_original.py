@@ -364,3 +364,21 @@ def test_chat_is_refused_with_a_clear_error(pipes):
 
     with pytest.raises(ChatFormatError, match="no chat format"):
         pipes["glm-10b"].chat("hello")
+
+
+def test_server_completions_fill_every_mask(pipes):
+    """glmkit serve over real HTTP, the openai client: one mask -> its span (as ChatGLM-6B's prompts get), several
+    -> the completed text and "spans", the same as Pipeline.infill."""
+    openai = pytest.importorskip("openai")
+    from _server_util import running_server
+
+    pipe = pipes["glm-large-chinese"]
+    one, several = "清华大学位于[MASK]。", "清华大学位于[MASK]。它的校园[sMASK]中国的首都是[gMASK]"
+    with running_server(pipe=pipe) as (base, _):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+        r1 = client.completions.create(model="glm-large-chinese", prompt=one, max_tokens=4, temperature=0)
+        r2 = client.completions.create(model="glm-large-chinese", prompt=several, max_tokens=4, temperature=0)
+    want1, want2 = pipe.infill(one, max_new_tokens=4), pipe.infill(several, max_new_tokens=4)
+    assert r1.choices[0].text == want1.spans[0]
+    assert r2.choices[0].text == str(want2)
+    assert r2.choices[0].model_extra["spans"] == want2.spans
