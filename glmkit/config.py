@@ -413,6 +413,9 @@ PRESETS_HF: dict[str, tuple[dict, str]] = {
                         torch_dtype="float16", _name_or_path="THUDM/chatglm-6b"), "chatglm"),
     "chatglm2-6b": ({**_V2_COMMON, "seq_length": 32768, "_name_or_path": "THUDM/chatglm2-6b"}, "chatglm2"),
     "chatglm3-6b": ({**_V2_COMMON, "seq_length": 8192, "_name_or_path": "THUDM/chatglm3-6b"}, "chatglm3"),
+    # CodeGeeX2-6B: the ChatGLM2-6B architecture and tokenizer, further trained on code (8192 positions); a code
+    # completion model, prompted with "# language: Python\n..." comments rather than a chat format
+    "codegeex2-6b": ({**_V2_COMMON, "seq_length": 8192, "_name_or_path": "THUDM/codegeex2-6b"}, "chatglm2"),
     "chatglm3-6b-32k": ({**_V2_COMMON, "seq_length": 32768, "rope_ratio": 50,
                          "_name_or_path": "THUDM/chatglm3-6b-32k"}, "chatglm3"),
     "glm-4-9b": ({**_V2_COMMON, "ffn_hidden_size": 13696, "num_layers": 40, "padded_vocab_size": 151552,
