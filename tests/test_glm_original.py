@@ -359,11 +359,15 @@ def test_trained_tiny_glm_ranks_the_right_choice_first():
         assert scores == pytest.approx(one_by_one, abs=1e-4)
 
 
-def test_chat_is_refused_with_a_clear_error(pipes):
+def test_chat_is_refused_and_fused_decode_declines(pipes):
     from glmkit.chat_format import ChatFormatError
+    from glmkit.engine.fast_decode import why_not
 
     with pytest.raises(ChatFormatError, match="no chat format"):
         pipes["glm-10b"].chat("hello")
+    from glmkit import kernels
+    reason = why_not(pipes["glm-10b"].model)
+    assert reason is not None and ("prefix attention" in reason or not kernels.available())
 
 
 def test_server_completions_fill_every_mask(pipes):
