@@ -589,6 +589,7 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
 # --------------------------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("ice_text.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "cog-pretrain.model", "added_tokens.json", "vocab.json", "merges.txt",        # original GLM
                    "generation_config.json", "special_tokens_map.json", "MODEL_LICENSE", "LICENSE")
 
 

@@ -386,3 +386,23 @@ def test_server_completions_fill_every_mask(pipes):
     assert r1.choices[0].text == want1.spans[0]
     assert r2.choices[0].text == str(want2)
     assert r2.choices[0].model_extra["spans"] == want2.spans
+
+
+def test_generate_save_and_quantized_load(pipes, tmp_path):
+    """generate() is infilling of a trailing [gMASK]; a glmkit-saved copy (tokenizer files carried over) gives the
+    official logits; an INT8 load runs and stays near them."""
+    from glmkit.checkpoint import save_model
+
+    pipe = pipes["glm-large-chinese"]
+    assert pipe.generate("清华大学", max_new_tokens=4, temperature=0) == \
+        pipe.infill("清华大学[gMASK]", max_new_tokens=4).spans[0]
+    c = expected()["glm-large-chinese"][0]
+    ref = torch.load(ORIG / c["logits_file"])
+    save_model(pipe.model, tmp_path / "saved", source_dir=ORIG / "glm-large-chinese")
+    for kw, tol in (({}, 1e-4), ({"quantize": "int8"}, 0.5)):
+        src = tmp_path / "saved" if not kw else ORIG / "glm-large-chinese"
+        p = glmkit.load(src, **kw)
+        with torch.no_grad():
+            got = p.model(torch.tensor([c["input_ids"]]))[0, -3:]
+        assert (got - ref).abs().max() < tol
+        assert p.tokenizer.encode("清华大学") == pipe.tokenizer.encode("清华大学")
