@@ -332,7 +332,8 @@ class GLM(nn.Module):
         B, T = input_ids.shape
         if cache_pos is None:
             cache_pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        needs_state = (position_ids is None and (cfg.rope_2d or cfg.pos_embedding == "learned_2d")) or (attention_mask is None and cfg.prefix_lm)
+        two_d = cfg.rope_2d or cfg.pos_embedding == "learned_2d"
+        needs_state = (position_ids is None and two_d) or (attention_mask is None and cfg.prefix_lm)
         if needs_state and state is None:
             state = self.sequence_state(input_ids)
         rope = self._rope_for(cache_pos, state, position_ids)

@@ -222,6 +222,9 @@ def reference_infill(model, tok, text, n):
 @pytest.mark.parametrize("name,text", [
     ("glm-large-chinese", "清华大学位于[MASK]。它的校园[sMASK]中国的首都是[gMASK]"),
     ("glm-10b", "Tsinghua University is located in [MASK]. The dark side of the [sMASK] Shanghai is [gMASK]"),
+    # a context longer than the engine's 32-token prefill chunk: read a layer range at a time (engine/step.py)
+    ("glm-large-chinese", "清华大学是中国著名的高等学府，坐落于[MASK]西北郊风景秀丽的清华园，是中国高层次人才培养和科学技术"
+                          "研究的基地，被誉为红色工程师的摇篮。它的前身是清华学堂，始建于[sMASK]那一年[gMASK]"),
 ])
 def test_infill_every_mask_left_to_right(pipes, name, text):
     pipe = pipes[name]
