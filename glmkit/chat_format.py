@@ -407,9 +407,25 @@ class GLM4Format(_RoleFormat):
         return ids
 
 
+class GLMFormat(ChatFormat):
+    """The original GLM (2021) is no chat model: it fills blanks and continues text (infill, generate, choose).
+    A span ends at <|endofpiece|>; a text ends at <|endoftext|>."""
+    family = "glm"
+    defaults = {"temperature": 0.0}                      # GLM's examples fill blanks greedily
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.tok.eos_id, self.tok.pad_id]
+
+    def _render(self, msgs, tools, forced):
+        raise ChatFormatError("the original GLM (glm-10b, glm-large-chinese, ...) has no chat format: fill blanks "
+                              "(glmkit infill / /v1/completions with [MASK], [sMASK] or [gMASK]), continue a text "
+                              "(glmkit generate) or rank choices (glmkit choose)")
+
+
 def format_for(tok) -> ChatFormat:
     return {"chatglm": ChatGLM6BFormat, "chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format,
-            "glm4": GLM4Format}[tok.family](tok)
+            "glm4": GLM4Format, "glm": GLMFormat}[tok.family](tok)
 
 
 # ------------------------------------------------------------------------------------------------------------

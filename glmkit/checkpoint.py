@@ -60,6 +60,25 @@ KEY_MAPS: dict[str, dict[str, object]] = {
         "norm.weight": "transformer.encoder.final_layernorm.weight",
         "output.weight": "transformer.output_layer.weight",
     },
+    "glm": {  # the original GLM (2021): THUDM's remote-code GLMModel, keys as published (optionally under "glm.")
+        "tok_embeddings.weight": "word_embeddings.weight",
+        "pos_embeddings.weight": "transformer.position_embeddings.weight",
+        "block_pos_embeddings.weight": "transformer.block_position_embeddings.weight",
+        "layers.{i}.attn_norm.weight": "transformer.layers.{i}.input_layernorm.weight",
+        "layers.{i}.attn_norm.bias": "transformer.layers.{i}.input_layernorm.bias",
+        "layers.{i}.attn.qkv.weight": "transformer.layers.{i}.attention.query_key_value.weight",
+        "layers.{i}.attn.qkv.bias": "transformer.layers.{i}.attention.query_key_value.bias",
+        "layers.{i}.attn.out.weight": "transformer.layers.{i}.attention.dense.weight",
+        "layers.{i}.attn.out.bias": "transformer.layers.{i}.attention.dense.bias",
+        "layers.{i}.ffn_norm.weight": "transformer.layers.{i}.post_attention_layernorm.weight",
+        "layers.{i}.ffn_norm.bias": "transformer.layers.{i}.post_attention_layernorm.bias",
+        "layers.{i}.mlp.up.weight": "transformer.layers.{i}.mlp.dense_h_to_4h.weight",
+        "layers.{i}.mlp.up.bias": "transformer.layers.{i}.mlp.dense_h_to_4h.bias",
+        "layers.{i}.mlp.down.weight": "transformer.layers.{i}.mlp.dense_4h_to_h.weight",
+        "layers.{i}.mlp.down.bias": "transformer.layers.{i}.mlp.dense_4h_to_h.bias",
+        "norm.weight": "transformer.final_layernorm.weight",
+        "norm.bias": "transformer.final_layernorm.bias",
+    },
     "glm_hf": {  # transformers GlmForCausalLM (glm-4-9b-chat-hf)
         "tok_embeddings.weight": "model.embed_tokens.weight",
         "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
@@ -77,6 +96,8 @@ KEY_MAPS: dict[str, dict[str, object]] = {
         "output.weight": "lm_head.weight",
     },
 }
+# prefixes a layout's keys may carry in the file (GLMForConditionalGeneration / GLMForMultipleChoice: "glm.")
+KEY_PREFIXES: dict[str, tuple[str, ...]] = {"glm": ("glm.",)}
 # buffers the official code saves that we recompute (rotary inverse frequencies)
 IGNORED_KEYS = [re.compile(r"(^|\.)rotary_emb\.inv_freq$"), re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")]
 
@@ -133,6 +154,8 @@ def detect_family(path: Path, cfg: dict) -> str:
     path = Path(path)
     if cfg.get("model_type") == "glmkit":
         return cfg["family"]
+    if guess_family(cfg) == "glm":                      # the 2021 GLM (before GLM-4's model_type "glm")
+        return "glm"
     if (path / "ice_text.model").is_file():
         return "chatglm"
     tok = path / "tokenizer.model"
@@ -322,6 +345,8 @@ def layout_of(cfg_dict: dict) -> str:
     mt = cfg_dict.get("model_type")
     if mt == "glmkit":
         return "glmkit"
+    if guess_family(cfg_dict) == "glm":
+        return "glm"
     if mt == "glm":
         return "glm_hf"
     if "position_encoding_2d" in cfg_dict or "inner_hidden_size" in cfg_dict or "max_sequence_length" in cfg_dict:
@@ -350,6 +375,14 @@ def _reverse_map(layout: str, model: GLM) -> dict[str, tuple[str, int, int]]:
         else:
             raise CheckpointError(f"no {layout} checkpoint key maps to parameter {name}")
     return rev
+
+
+def _unprefixed(name: str, layout: str, rev: dict) -> str:
+    """A file key without the wrapper prefix its layout may carry ("glm." of GLMForConditionalGeneration)."""
+    for p in KEY_PREFIXES.get(layout, ()):
+        if name.startswith(p) and name not in rev and name[len(p):] in rev:
+            return name[len(p):]
+    return name
 
 
 def _part_rows(cfg: ModelConfig, name: str, n_parts: int) -> list[int]:
@@ -483,6 +516,7 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
 
     with torch.no_grad():
         for name, src, fpath, release in iter_tensors(files):
+            name = _unprefixed(name, layout, rev)
             if name not in rev:
                 if not any(rx.search(name) for rx in IGNORED_KEYS):
                     info.unexpected.append(name)
@@ -555,6 +589,7 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
 # --------------------------------------------------------------------------------------------------------
 
 TOKENIZER_FILES = ("ice_text.model", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "cog-pretrain.model", "added_tokens.json", "vocab.json", "merges.txt",        # original GLM
                    "generation_config.json", "special_tokens_map.json", "MODEL_LICENSE", "LICENSE")
 
 

@@ -4,6 +4,8 @@
   - ChatGLM-6B           model_type "chatglm" with position_encoding_2d / inner_hidden_size / max_sequence_length
   - ChatGLM2/3-6B, GLM-4 model_type "chatglm" with multi_query_attention / padded_vocab_size / seq_length
   - GLM-4 (transformers) model_type "glm", architectures ["GlmForCausalLM"] (e.g. glm-4-9b-chat-hf)
+  - original GLM (2021)  model_type "glm" with block_position_encoding (glm-large-chinese, glm-10b[-chinese],
+                         glm-2b: THUDM's remote-code GLMModel)
   - our own layout       model_type "glmkit" (written by checkpoint.save)
 """
 from __future__ import annotations
@@ -13,9 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4", "glm")
 # family -> human name, used in messages
-FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B", "glm4": "GLM-4"}
+FAMILY_NAMES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B", "chatglm3": "ChatGLM3-6B", "glm4": "GLM-4",
+                "glm": "GLM (2021)"}
 
 
 class ConfigError(ValueError):
@@ -35,7 +38,7 @@ class ModelConfig:
     max_seq_len: int                 # positions the model was trained for (rotary table size)
     norm: str = "rmsnorm"            # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    activation: str = "swiglu"       # "gelu_tanh" (ChatGLM-6B) | "swiglu"
+    activation: str = "swiglu"       # "gelu_tanh" (ChatGLM-6B) | "gelu_erf" (original GLM) | "swiglu"
     qkv_layout: str = "grouped"      # "per_head": [heads, (q,k,v), head_dim] (ChatGLM-6B) | "grouped": [q | k | v]
     qkv_bias: bool = True
     out_bias: bool = False           # bias of the attention output projection
@@ -49,6 +52,11 @@ class ModelConfig:
     rope_base: float = 10000.0       # already multiplied by rope_ratio
     rope_fp16_freqs: bool = False    # ChatGLM-6B rounds its inverse frequencies to fp16 (kept for parity)
     tie_word_embeddings: bool = False
+    # "rope" (every ChatGLM/GLM-4) | "learned_2d": original GLM's learned position + block-position embedding
+    # tables ([max_seq_len, hidden] each) added to the token embeddings; no rotary then (rope_dim unused)
+    pos_embedding: str = "rope"
+    first_mask_any: bool = False     # original GLM: the mask position is the first [MASK]/[sMASK]/[gMASK] of any
+    #                                  kind (ChatGLM-6B: the first [gMASK], else the first [MASK])
     # token ids the model itself needs (positions and masks of ChatGLM-6B) and generation defaults
     mask_token_id: Optional[int] = None
     gmask_token_id: Optional[int] = None
@@ -68,6 +76,10 @@ class ModelConfig:
             self.rope_dim = self.head_dim // 2
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.pos_embedding not in ("rope", "learned_2d"):
+            raise ConfigError(f"unknown pos_embedding {self.pos_embedding!r}; expected 'rope' or 'learned_2d'")
+        if self.activation not in ("swiglu", "gelu_tanh", "gelu_erf"):
+            raise ConfigError(f"unknown activation {self.activation!r}; expected swiglu, gelu_tanh or gelu_erf")
         if self.rope_dim % 2 or self.rope_dim * (2 if self.rope_2d else 1) > self.head_dim:
             raise ConfigError(f"rope_dim={self.rope_dim} does not fit head_dim={self.head_dim}")
 
@@ -131,6 +143,8 @@ def guess_family(d: dict) -> Optional[str]:
     mt = d.get("model_type")
     if mt == "glmkit":
         return d.get("family")
+    if is_original_glm(d):
+        return "glm"
     if mt == "glm":
         return "glm4"
     if mt != "chatglm":
@@ -163,17 +177,64 @@ def from_hf(d: dict, family: Optional[str] = None) -> ModelConfig:
         if "position_encoding_2d" in d or "inner_hidden_size" in d or "max_sequence_length" in d:
             return _from_chatglm_v1(d)
         return _from_chatglm_v2(d, family or guess_family(d) or "chatglm3")
+    if is_original_glm(d):
+        return _from_glm_original(d)
     if mt == "glm":
         arch = d.get("architectures") or []
         if arch and not any(a in ("GlmForCausalLM", "GlmModel") for a in arch):
             raise ConfigError(
-                f"config.json has model_type 'glm' with architectures {arch}: that is the 2021 THUDM/GLM "
-                "(glm-10b / glm-large) layout, which glmkit does not load; supported are ChatGLM-6B, "
-                "ChatGLM2/3-6B, GLM-4-9B (chatglm layout) and GlmForCausalLM (glm-4-9b-chat-hf)")
+                f"config.json has model_type 'glm' with architectures {arch} but no block_position_encoding: "
+                "a 2021 THUDM/GLM config (glm-10b, glm-large-chinese, ...) as published carries it, and "
+                "transformers' GlmForCausalLM (glm-4-9b-chat-hf) names that architecture")
         return _from_glm_hf(d)
     raise ConfigError(
         f"config.json has model_type {mt!r}, which is not a GLM-family model; glmkit loads "
         "model_type 'chatglm' (ChatGLM-6B, ChatGLM2/3-6B, GLM-4-9B), 'glm' (GlmForCausalLM) and 'glmkit'")
+
+
+def is_original_glm(d: dict) -> bool:
+    """The 2021 GLM's remote-code config (model_type "glm" like transformers' native GLM-4 port, but with
+    block_position_encoding, num_layers and max_sequence_length)."""
+    return d.get("model_type") == "glm" and "block_position_encoding" in d
+
+
+def _from_glm_original(d: dict) -> ModelConfig:
+    """THUDM's configuration_glm.GLMConfig (glm-large-chinese, glm-10b-chinese, glm-2b, glm-10b).
+
+    The remote code: x = E[ids] + P[pos] + B[block_pos] (tables of max_sequence_length + 1 rows), pre-LN blocks
+    with biased LayerNorm (eps 1e-5), fused [q | k | v] with bias, exact-erf GELU MLP of 4h, final LayerNorm,
+    logits against the word embeddings; bidirectional over the context, causal from <|startofpiece|> on."""
+    if not d.get("block_position_encoding"):
+        raise ConfigError("block_position_encoding=false (GLM without block positions) is not supported")
+    if d.get("relative_encoding"):
+        raise ConfigError("relative_encoding=true (Transformer-XL style GLM) is not supported")
+    if float(d.get("attention_scale", 1.0) or 1.0) != 1.0:
+        raise ConfigError(f"attention_scale={d['attention_scale']} is not supported (the released models use 1.0)")
+    h, nh = d["hidden_size"], d["num_attention_heads"]
+    if h % nh:
+        raise ConfigError(f"hidden_size={h} is not a multiple of num_attention_heads={nh}")
+    vocab = d["vocab_size"]
+    english = vocab > 50200               # GPT-2 BPE (glm-10b, glm-2b) vs cog-pretrain SentencePiece (Chinese)
+    ids = GLM_ENGLISH_IDS if english else GLM_CHINESE_IDS
+    return ModelConfig(
+        family="glm", vocab_size=vocab, hidden_size=h, num_layers=d["num_layers"], num_heads=nh, num_kv_heads=nh,
+        head_dim=h // nh, ffn_hidden_size=4 * h, max_seq_len=d["max_sequence_length"] + 1,
+        norm="layernorm", norm_eps=float(d.get("layernorm_epsilon", 1e-5)), activation="gelu_erf",
+        qkv_layout="grouped", qkv_bias=True, out_bias=True, mlp_bias=True, prefix_lm=True,
+        pos_embedding="learned_2d", first_mask_any=True, tie_word_embeddings=True,
+        mask_token_id=ids["[MASK]"], gmask_token_id=ids["[gMASK]"], smask_token_id=ids["[sMASK]"],
+        sop_token_id=ids["<|startofpiece|>"], eos_token_id=ids["<|endofpiece|>"], pad_token_id=ids["<|endoftext|>"],
+        torch_dtype=d.get("torch_dtype", "float16"), name=d.get("_name_or_path", ""),
+        extra={k: d[k] for k in ("bad_words_id",) if k in d},
+    )
+
+
+# the original GLM's command tokens (the tokenizer files decide; these are the published ids)
+GLM_CHINESE_IDS = {"<|endoftext|>": 50000, "[SEP]": 50001, "[CLS]": 50002, "[MASK]": 50003, "[UNUSED1]": 50004,
+                   "[UNUSED2]": 50005, "<|startofpiece|>": 50006, "<|endofpiece|>": 50007, "[sMASK]": 50008,
+                   "[gMASK]": 50009}
+GLM_ENGLISH_IDS = {"<|endoftext|>": 50256, "<|startofpiece|>": 50257, "<|endofpiece|>": 50258, "[CLS]": 50259,
+                   "[MASK]": 50260, "[SEP]": 50261, "[UNK]": 50262, "[gMASK]": 50263, "[sMASK]": 50264}
 
 
 def _check_unsupported(d: dict):
@@ -352,6 +413,9 @@ PRESETS_HF: dict[str, tuple[dict, str]] = {
                         torch_dtype="float16", _name_or_path="THUDM/chatglm-6b"), "chatglm"),
     "chatglm2-6b": ({**_V2_COMMON, "seq_length": 32768, "_name_or_path": "THUDM/chatglm2-6b"}, "chatglm2"),
     "chatglm3-6b": ({**_V2_COMMON, "seq_length": 8192, "_name_or_path": "THUDM/chatglm3-6b"}, "chatglm3"),
+    # CodeGeeX2-6B: the ChatGLM2-6B architecture and tokenizer, further trained on code (8192 positions); a code
+    # completion model, prompted with "# language: Python\n..." comments rather than a chat format
+    "codegeex2-6b": ({**_V2_COMMON, "seq_length": 8192, "_name_or_path": "THUDM/codegeex2-6b"}, "chatglm2"),
     "chatglm3-6b-32k": ({**_V2_COMMON, "seq_length": 32768, "rope_ratio": 50,
                          "_name_or_path": "THUDM/chatglm3-6b-32k"}, "chatglm3"),
     "glm-4-9b": ({**_V2_COMMON, "ffn_hidden_size": 13696, "num_layers": 40, "padded_vocab_size": 151552,

@@ -5,6 +5,9 @@ Shapes at the boundaries: B batch, T new tokens, S key/value positions, H heads,
     ChatGLM-6B      LayerNorm, x = LN(x)*alpha + f(LN(x)) with alpha = sqrt(2L), per-head fused QKV,
                     2D rotary (position ids on the first half of each head, block position ids on the second,
                     rotate-half style), GELU(tanh) MLP, prefix attention: bidirectional before <sop>.
+    GLM (2021)      learned position and block-position embeddings added to the token embeddings (no rotary),
+                    pre-LN with biased LayerNorm, [q | k | v] fused QKV, exact GELU MLP, tied output, prefix
+                    attention as ChatGLM-6B; the mask position is the first mask token of any kind.
     ChatGLM2/3, GLM-4  RMSNorm, pre-norm residual, [q | k | v] fused QKV with bias, G < H key/value groups,
                     rotary on the first half of each head in interleaved pairs, SwiGLU, causal attention.
 
@@ -55,6 +58,13 @@ LAZY_MASK_ELEMENTS = 1 << 22          # T x S from which attention_inputs hands 
 MASK_BLOCK_ELEMENTS = 1 << 24         # (H/G) x query rows x keys of one block's mask
 
 
+class Positions(NamedTuple):
+    """What stands in for the rotary tables of a model with learned 2D positions (pos_embedding "learned_2d"):
+    the position and block-position ids [B, T] of the tokens, which embed() looks up and adds."""
+    pos: torch.Tensor
+    block: torch.Tensor
+
+
 class Norm(nn.Module):
     def __init__(self, dim: int, kind: str, eps: float):
         super().__init__()
@@ -102,6 +112,8 @@ class Attention(nn.Module):
 
     def _rope(self, x: torch.Tensor, rope) -> torch.Tensor:
         cfg = self.cfg
+        if isinstance(rope, Positions):                # learned positions: added to the embeddings instead
+            return x
         R = cfg.rope_dim
         if cfg.rope_2d:                                # two position streams, one per half of the head
             (c1, s1), (c2, s2) = rope
@@ -171,6 +183,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
+        self.gelu = "none" if cfg.activation == "gelu_erf" else "tanh"
         inner = cfg.ffn_hidden_size * (2 if self.swiglu else 1)
         self.up = nn.Linear(cfg.hidden_size, inner, bias=cfg.mlp_bias)       # dense_h_to_4h (gate | up)
         self.down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
@@ -181,7 +194,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu)
         return self.down(h)
 
 
@@ -242,6 +255,9 @@ class GLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.pos_embedding == "learned_2d":         # original GLM: position and block-position tables
+            self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+            self.block_pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -279,17 +295,32 @@ class GLM(nn.Module):
             z = torch.zeros(B, dtype=torch.long, device=dev)
             return SeqState(z, z - 1)
         ctx, mpos = [], []
+        masks = [t for t in (cfg.gmask_token_id, cfg.mask_token_id, cfg.smask_token_id) if t is not None]
         for row in input_ids.tolist():
             ctx.append(row.index(cfg.sop_token_id) if cfg.sop_token_id in row else len(row))
-            m = -1
-            for tok in (cfg.gmask_token_id, cfg.mask_token_id, cfg.smask_token_id):
-                if tok is not None and tok in row:
-                    m = row.index(tok)
-                    break
-            mpos.append(m)
+            if cfg.first_mask_any:                     # original GLM (build_inputs_for_generation): the first
+                mpos.append(next((i for i, t in enumerate(row) if t in masks), -1))     # mask of any kind
+                continue
+            mpos.append(next((row.index(t) for t in masks if t in row), -1))
         return SeqState(torch.tensor(ctx, device=dev), torch.tensor(mpos, device=dev))
 
+    def _positions_2d(self, cache_pos: torch.Tensor, state: SeqState) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLM's 2D positions from cache positions: the context counts 0.. with block position 0; from <sop> on
+        every token sits at the mask position with block positions 1, 2, ..."""
+        ctx = state.ctx_len[:, None]
+        mpos = state.mask_pos[:, None]
+        in_ctx = cache_pos < ctx
+        pos = torch.where(in_ctx | (mpos < 0), cache_pos, mpos)
+        block = torch.where(in_ctx, torch.zeros_like(cache_pos), cache_pos - ctx + 1)
+        return pos, block
+
     def _rope_for(self, cache_pos: torch.Tensor, state: SeqState, position_ids: Optional[torch.Tensor]):
+        if self.config.pos_embedding == "learned_2d":
+            if position_ids is not None:               # [B, 2, T]
+                return Positions(position_ids[:, 0], position_ids[:, 1])
+            # an engine's idle scratch rows (max_seq - 1 with no context) may reach one past the table
+            pos, block = self._positions_2d(cache_pos, state)
+            return Positions(pos, block.clamp(max=self.config.max_seq_len - 1))
         cos, sin = self.rope_table(cache_pos.device)
 
         def look(p):                                   # p [B, T] -> ([B, T, 1, R/2], [B, T, 1, R/2])
@@ -301,11 +332,7 @@ class GLM(nn.Module):
             return (look(p),)
         if position_ids is not None:                   # [B, 2, T]
             return look(position_ids[:, 0]), look(position_ids[:, 1])
-        ctx = state.ctx_len[:, None]
-        mpos = state.mask_pos[:, None]
-        in_ctx = cache_pos < ctx
-        pos = torch.where(in_ctx | (mpos < 0), cache_pos, mpos)
-        block = torch.where(in_ctx, torch.zeros_like(cache_pos), cache_pos - ctx + 1)
+        pos, block = self._positions_2d(cache_pos, state)
         return look(pos), look(block)
 
     def _mask_for(self, cache_pos: torch.Tensor, key_pos: torch.Tensor, state: SeqState) -> torch.Tensor:
@@ -345,7 +372,8 @@ class GLM(nn.Module):
         given_pos = cache_pos is not None
         if cache_pos is None:
             cache_pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        needs_state = (position_ids is None and cfg.rope_2d) or (attention_mask is None and cfg.prefix_lm)
+        two_d = cfg.rope_2d or cfg.pos_embedding == "learned_2d"
+        needs_state = (position_ids is None and two_d) or (attention_mask is None and cfg.prefix_lm)
         if needs_state and state is None:
             state = self.sequence_state(input_ids)
         rope = self._rope_for(cache_pos, state, position_ids)
@@ -362,8 +390,16 @@ class GLM(nn.Module):
             mask = torch.cat((mask.new_ones(*mask.shape[:-1], prefix_len), mask), dim=-1)
         return rope, mask, cache_pos
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_embeddings(input_ids)
+    def embed(self, input_ids: torch.Tensor, rope=None) -> torch.Tensor:
+        """Token embeddings [B, T, C]; with learned positions (original GLM) plus the position and block-position
+        embeddings of `rope` (the Positions attention_inputs returned for these tokens)."""
+        x = self.tok_embeddings(input_ids)
+        if self.config.pos_embedding == "learned_2d":
+            if not isinstance(rope, Positions):
+                raise ValueError("a model with learned positions embeds tokens with their Positions "
+                                 "(model.embed(ids, attention_inputs(...)[0]))")
+            x = x + self.pos_embeddings(rope.pos) + self.block_pos_embeddings(rope.block)
+        return x
 
     def blocks(self, x: torch.Tensor, rope, mask, cache=None, cache_pos=None, kv_len=None, row0: int = 0,
                start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
@@ -403,7 +439,7 @@ class GLM(nn.Module):
             prefix_len = getattr(cache, "prefix_len", 0)
         rope, mask, cache_pos = self.attention_inputs(input_ids, cache_pos, kv_len, state, position_ids,
                                                       attention_mask, prefix_len)
-        x = self.blocks(self.embed(input_ids), rope, mask, cache, cache_pos, kv_len, row0)
+        x = self.blocks(self.embed(input_ids, rope), rope, mask, cache, cache_pos, kv_len, row0)
         if targets is not None:
             return self.lm_loss(x, targets)
         if last_only:

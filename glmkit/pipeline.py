@@ -154,10 +154,12 @@ class ChatRun:
     """One answer being generated: iterate for text pieces; .response (ChatResponse) once finished."""
 
     def __init__(self, pipe: "Pipeline", prompt: Prompt, params: SamplingParams, raw: bool = False,
-                 state: Optional[SeqState] = None, constraint=None, logprobs: Optional[int] = None):
+                 state: Optional[SeqState] = None, constraint=None, logprobs: Optional[int] = None,
+                 stop_ids: Optional[Sequence[int]] = None):
         self.pipe, self.prompt, self.params = pipe, prompt, params
         self.answer = AnswerText(pipe.tokenizer, prompt, params.stop, raw)
-        self.tokens = pipe.engine.generate(prompt.ids, params, pipe.tokenizer.chat_format.stop_ids, state,
+        stops = pipe.tokenizer.chat_format.stop_ids if stop_ids is None else stop_ids
+        self.tokens = pipe.engine.generate(prompt.ids, params, stops, state,
                                            constraint=constraint, logprobs=logprobs)
         self.want_logprobs = logprobs is not None
         self.response: Optional[ChatResponse] = None
@@ -225,6 +227,64 @@ class Infilled(str):
 
 
 MASK_TEXT = re.compile(r"(\[(?:MASK|sMASK|gMASK)\])")
+
+
+class InfillPlan:
+    """The rounds of filling every mask of a text, left to right, with a blank-filling GLM, whoever runs the
+    generations (Pipeline.infill on its engine, the server on its worker thread):
+
+        next() -> (prompt ids, SeqState) for the leftmost mask still open, or None once all are filled
+        fill(span_ids, span_text) puts the generated span in its place; .text, .spans; .stops: the stop ids
+
+    ChatGLM-6B: each round encodes the text so far (spans filled in, the remaining masks as mask tokens) + <sop>;
+    encoded apart, the filled-in text before the mask gives the mask's index exactly (the same ids as encoding
+    the whole text: encode() starts each piece after a special token without a dummy prefix), and the SeqState
+    is explicit because model.sequence_state would pick the first [gMASK] / [MASK] instead.
+    Original GLM: [CLS] text <|endoftext|> <|startofpiece|>, the span at the first remaining mask (block positions
+    1, 2, ...); its tokens then replace that mask token, as GLM's own generation scripts splice them. In the
+    text, the whitespace the tokenizer drops next to a mask is dropped once where the span brings its own."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg, text: str):
+        if not cfg.prefix_lm:
+            name = FAMILY_NAMES.get(cfg.family, cfg.family)
+            raise ValueError(f"infilling needs a blank-filling GLM (the original GLM or ChatGLM-6B: prefix "
+                             f"attention, 2D positions); {name} is causal and only continues text: use generate or chat")
+        self.tok, self.glm = tokenizer, cfg.family == "glm"
+        self.parts = MASK_TEXT.split(text)                 # text, mask, text, mask, ..., text
+        if len(self.parts) == 1:
+            raise ValueError("the text has no [MASK], [sMASK] or [gMASK] to fill (to continue a text, use "
+                             "generate, or end the text with [gMASK])")
+        self.k, self.text, self.spans = 1, self.parts[0], []
+        self.stops = list(tokenizer.chat_format.stop_ids)
+        if self.glm:
+            # glm-10b-chinese's [gMASK] is a copy of <|endofpiece|> (GLM issue #55; its config bans it as
+            # bad_words_id): generated, it ends the span as <|endofpiece|> does
+            self.stops += [int(i) for i in cfg.extra.get("bad_words_id") or []]
+            self.ids = tokenizer.encode(text)
+
+    def _mask_index(self) -> int:
+        return next(i for i, t in enumerate(self.ids) if t in self.tok.mask_ids)
+
+    def next(self) -> Optional[tuple[list[int], SeqState]]:
+        if self.k >= len(self.parts):
+            return None
+        tok = self.tok
+        if self.glm:
+            ids = self.ids + [tok.special["<|startofpiece|>"]]
+            return ids, SeqState(torch.tensor([len(self.ids)]), torch.tensor([self._mask_index()]))
+        head = tok.encode(self.text, add_special_tokens=False)
+        ids = head + tok.encode("".join(self.parts[self.k:]))
+        return ids, SeqState(torch.tensor([len(ids) - 1]), torch.tensor([len(head)]))   # context ends at <sop>
+
+    def fill(self, span_ids: Sequence[int], span_text: str) -> None:
+        if self.glm:
+            m = self._mask_index()
+            self.ids = self.ids[:m] + [int(t) for t in span_ids if t not in self.stops] + self.ids[m + 1:]
+            if span_text[:1].isspace():
+                self.text = self.text.rstrip()
+        self.spans.append(span_text)
+        self.text += span_text + self.parts[self.k + 1]
+        self.k += 2
 
 
 class Pipeline:
@@ -344,7 +404,7 @@ class Pipeline:
     def start_generate(self, prompt, logprobs: Optional[int] = None, **sampling) -> ChatRun:
         """logprobs: None, or k >= 0 alternatives per token (.response.logprobs)."""
         params = self.sampling_params(**sampling)
-        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode_for_generation(prompt)
         if len(ids) >= self.ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
         return ChatRun(self, Prompt(ids=ids), params, raw=True, logprobs=logprobs)
@@ -356,43 +416,76 @@ class Pipeline:
     def stream_generate(self, prompt, **sampling) -> Iterator[str]:
         return iter(self.start_generate(prompt, **sampling))
 
-    # --- blank infilling (ChatGLM-6B) ----------------------------------------------------------------------
+    # --- blank infilling (original GLM, ChatGLM-6B) --------------------------------------------------------
     def infill(self, text: str, **sampling) -> Infilled:
         """Fill every [MASK] (short span), [sMASK] (sentence) and [gMASK] (long/suffix) of text, left to right
         -> the text with each mask replaced by its span (an Infilled: .spans, .stats).
 
-        Each round encodes the text so far (spans filled in, the remaining masks as mask tokens) + <sop> and
-        generates the leftmost remaining mask's span until <eop>, its tokens positioned at that mask (an
-        explicit SeqState: model.sequence_state would pick the first [gMASK] / [MASK] instead). Sampling options
-        as generate() (max_new_tokens per span); greedy unless temperature or do_sample is given, as GLM's
-        examples (transformers' generate()) fill blanks.
+        One generation per mask (InfillPlan builds each round's prompt), each span generated at its own mask's
+        position until <eop> / <|endofpiece|>. Sampling options as generate() (max_new_tokens per span); greedy
+        unless temperature or do_sample is given, as GLM's examples (transformers' generate()) fill blanks.
         """
-        cfg = self.config
-        if not (cfg.prefix_lm and cfg.rope_2d):
-            name = FAMILY_NAMES.get(cfg.family, cfg.family)
-            raise ValueError(f"infilling needs a blank-filling GLM (ChatGLM-6B: prefix attention, 2D positions); "
-                             f"{name} is causal and only continues text: use generate or chat")
-        parts = MASK_TEXT.split(text)             # text, mask, text, mask, ..., text
-        if len(parts) == 1:
-            raise ValueError("the text has no [MASK], [sMASK] or [gMASK] to fill (to continue a text, use "
-                             "generate, or end the text with [gMASK])")
+        plan = InfillPlan(self.tokenizer, self.config, text)
         if sampling.get("temperature") is None and not sampling.get("do_sample"):
             sampling["temperature"] = 0.0
         params = self.sampling_params(**sampling)
-        tok = self.tokenizer
-        done, spans, stats = parts[0], [], []
-        for k in range(1, len(parts), 2):
-            # encoded apart, the filled-in text before this mask gives the mask's index exactly (the same ids
-            # as encoding the whole text: encode() starts each piece after a special token without a dummy prefix)
-            head = tok.encode(done, add_special_tokens=False)
-            ids = head + tok.encode("".join(parts[k:]))
-            state = SeqState(torch.tensor([len(ids) - 1]), torch.tensor([len(head)]))   # context ends at <sop>
-            run = ChatRun(self, Prompt(ids=ids), params, raw=True, state=state)
+        stats = []
+        while (step := plan.next()) is not None:
+            ids, state = step
+            if len(ids) >= self.ctx:
+                raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
+            run = ChatRun(self, Prompt(ids=ids), params, raw=True, state=state, stop_ids=plan.stops)
             span = run.result()
-            spans.append(str(span))
+            plan.fill(run.tokens.seq.ids[len(ids):], str(span))
             stats.append(run.stats)
-            done += span + parts[k + 1]
-        return Infilled(done, spans, stats)
+        return Infilled(plan.text, plan.spans, stats)
+
+    # --- multiple choice ---------------------------------------------------------------------------------
+    def score_choices(self, context: str, choices: Sequence[str], length_normalize: bool = False) -> list[float]:
+        """The summed log-probability of each choice's tokens (divided by their number with length_normalize),
+        all choices packed after the context in one forward (glmkit/choices.py). Blank-filling GLMs (original
+        GLM, ChatGLM-6B) score each choice as the span of the context's first mask ([gMASK] appended when there
+        is none); causal ones (ChatGLM2/3, GLM-4) as the answer to the context sent as a user message."""
+        tok, cfg = self.tokenizer, self.config
+        if isinstance(choices, str) or not choices:
+            raise ValueError("choices must be a non-empty list of strings")
+        if cfg.prefix_lm:
+            ids = tok.encode_for_generation(context)
+            ctx = ids[:-1] if ids and ids[-1] == cfg.sop_token_id else ids
+            mask_pos = None
+        else:
+            ctx = self.chat_format.render([{"role": "user", "content": context}]).ids
+            mask_pos = None
+        choice_ids = [tok.encode_span(c) for c in choices]
+        for c, ci in zip(choices, choice_ids):
+            if not ci:
+                raise ValueError(f"choice {c!r} encodes to no tokens")
+        return self.score_choice_ids(ctx, choice_ids, length_normalize, mask_pos)
+
+    def score_choice_ids(self, context_ids: Sequence[int], choice_ids: Sequence[Sequence[int]],
+                         length_normalize: bool = False, mask_pos: Optional[int] = None) -> list[float]:
+        """score_choices over token ids: context_ids without <sop> (blank-filling GLMs: [CLS] ... <eos>, the
+        mask position its first mask token unless mask_pos says otherwise) or the whole prompt (causal GLMs)."""
+        from . import choices as mc
+        cfg = self.config
+        ctx = [int(i) for i in context_ids]
+        if cfg.prefix_lm and mask_pos is None:
+            mask_pos = int(self.model.sequence_state(torch.tensor([ctx])).mask_pos[0])
+            if mask_pos < 0:
+                raise ValueError("the context has no mask token for the choices to fill")
+        packed = mc.pack(ctx, choice_ids, cfg.sop_token_id, mask_pos, two_d=cfg.prefix_lm)
+        if packed.ids.shape[1] > cfg.max_seq_len:
+            raise ContextOverflow(f"the context and all choices take {packed.ids.shape[1]} tokens, more than the "
+                                  f"model's {cfg.max_seq_len} positions")
+        return mc.score(self.model, packed, length_normalize)
+
+
+def _sync_glm_ids(cfg, tok) -> None:
+    """Original GLM: the token ids the model derives positions from are the tokenizer's (its folder's files)."""
+    sp = tok.special
+    cfg.mask_token_id, cfg.sop_token_id = sp["[MASK]"], sp["<|startofpiece|>"]
+    cfg.gmask_token_id, cfg.smask_token_id = sp.get("[gMASK]"), sp.get("[sMASK]")
+    cfg.eos_token_id, cfg.pad_token_id = sp["<|endofpiece|>"], sp["<|endoftext|>"]
 
 
 def _generation_defaults(path: Path) -> dict:
@@ -448,6 +541,8 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
         from .quant import prepare_model
         prepare_model(model)          # pack weights for the fast CPU kernels (no-op where they cannot run)
     tok = load_tokenizer(path, model.config.family)
+    if model.config.family == "glm":
+        _sync_glm_ids(model.config, tok)
     if tok.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size} embedding rows")

@@ -6,6 +6,10 @@
                mask tokens; then only <sop> is appended, which is how GLM fills a blank).
   ChatGLM2/3   tokenizer.model (SentencePiece); [MASK] [gMASK] [sMASK] sop eop (+ ChatGLM3's role tokens) take
                the ids right after the SentencePiece vocabulary. encode() prefixes [gMASK] sop.
+  GLM (2021)   cog-pretrain.model (SentencePiece, glm-large-chinese / glm-10b-chinese) or GPT-2 BPE vocab.json +
+               merges.txt (glm-10b / glm-2b, read with the `tokenizers` package), command tokens from
+               added_tokens.json or at the published ids. encode() wraps text as [CLS] ... <|endoftext|> and
+               strips the whitespace next to a command token, as the official (transformers 4.23) tokenizer.
   GLM-4        tokenizer.model in tiktoken format (base64 token + rank per line) or transformers' tokenizer.json;
                special tokens from 151329 on (tokenizer_config.json's added_tokens_decoder when present).
                encode() prefixes [gMASK] <sop>.
@@ -57,6 +61,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
+
+    def encode_for_generation(self, text: str) -> list[int]:
+        """Raw text -> the ids a completion starts from (ChatGLM/GLM-4: what encode() gives)."""
+        return self.encode(text)
+
+    def encode_span(self, text: str) -> list[int]:
+        """Text as it stands after a prompt (a multiple-choice answer or blank) -> ids."""
+        return self.encode_plain(text)
 
     def token_id(self, token: str) -> int:
         if token in self.special:
@@ -169,6 +181,9 @@ class ChatGLM6BTokenizer(Tokenizer):
                 ids.append(self.special["<sop>"])
         return ids
 
+    def encode_span(self, text: str) -> list[int]:
+        return self.encode_plain(text, dummy_prefix=False)     # inside a text: no SentencePiece "▁" first
+
     def _decode_plain(self, ids: Sequence[int]) -> str:
         # ids outside the SentencePiece vocabulary (image ids, the embedding's padding rows up to the
         # model's vocab size, which a sampler can pick) decode to nothing instead of raising
@@ -208,6 +223,147 @@ class ChatGLM2Tokenizer(Tokenizer):
     def _decode_plain(self, ids: Sequence[int]) -> str:
         n = self.sp.vocab_size()
         return self.sp.decode([i for i in ids if 0 <= i < n])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The original GLM (2021): command tokens around a SentencePiece or GPT-2 BPE vocabulary
+# ------------------------------------------------------------------------------------------------------------
+
+GLM_MASKS = ("[MASK]", "[sMASK]", "[gMASK]")
+# GLM's own order of the command tokens added after the GPT-2 vocabulary (glm-10b: sop = 50257 ... [sMASK] 50264)
+GLM_GPT2_COMMANDS = ("<|startofpiece|>", "<|endofpiece|>", "[CLS]", "[MASK]", "[SEP]", "[UNK]", "[gMASK]", "[sMASK]")
+
+
+def _added_tokens(folder: Path) -> dict[str, int]:
+    f = folder / "added_tokens.json"
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not all(isinstance(v, int) for v in d.values()):
+        raise TokenizerError(f"{f} must map token strings to integer ids")
+    return d
+
+
+class GLMTokenizer(Tokenizer):
+    """The original GLM's tokenizers (GLMChineseTokenizer / GLMGPT2Tokenizer): subclasses give the vocabulary."""
+
+    family = "glm"
+
+    def _setup(self, special: dict[str, int]):
+        for must in ("[CLS]", "<|endoftext|>", "<|startofpiece|>", "<|endofpiece|>", "[MASK]"):
+            if must not in special:
+                raise TokenizerError(f"{self.path}: no id for GLM's command token {must}")
+        self.special = special
+        self.eos_id = special["<|endofpiece|>"]          # a span ends here (generation stops)
+        self.pad_id = special["<|endoftext|>"]
+        self.mask_ids = {special[m] for m in GLM_MASKS if m in special}
+        names = sorted(special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in names) + ")")
+        super().__init__()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As the official tokenizer: command tokens written in the text are tokens, the whitespace on both sides
+        of each is dropped, every other piece is encoded on its own; [CLS] ... <|endoftext|> around it all."""
+        parts = self._split.split(text)
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.special[part])
+                continue
+            if k > 0:
+                part = part.lstrip()
+            if k < len(parts) - 1:
+                part = part.rstrip()
+            ids += self.encode_plain(part)
+        if add_special_tokens:
+            ids = [self.special["[CLS]"]] + ids + [self.special["<|endoftext|>"]]
+        return ids
+
+    def encode_span(self, text: str) -> list[int]:
+        return self.encode(text, add_special_tokens=False)      # as build_inputs_for_multiple_choice does
+
+    def encode_for_generation(self, text: str) -> list[int]:
+        """[CLS] text <|endoftext|> <|startofpiece|>, as build_inputs_for_generation extends it; text without a
+        mask gets [gMASK] as its last text token (left-to-right generation, as GLM's generate scripts do)."""
+        ids = self.encode(text)
+        if not self.mask_ids & set(ids):
+            ids.insert(len(ids) - 1, self.special["[gMASK]"])
+        return ids + [self.special["<|startofpiece|>"]]
+
+
+class GLMChineseTokenizer(GLMTokenizer):
+    """cog-pretrain.model: SentencePiece pieces 0..49999, command tokens 50000.. (added_tokens.json)."""
+
+    def __init__(self, folder: Path):
+        from .config import GLM_CHINESE_IDS
+
+        self.path = Path(folder) / "cog-pretrain.model"
+        self.sp = _sp(self.path)
+        self._setup(_added_tokens(Path(folder)) or dict(GLM_CHINESE_IDS))
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.sp.vocab_size(), max(self.special.values()) + 1)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        n = self.sp.vocab_size()
+        return self.sp.decode([i for i in ids if 0 <= i < n])
+
+
+class GLMGPT2Tokenizer(GLMTokenizer):
+    """GPT-2's byte-level BPE (vocab.json + merges.txt, through the `tokenizers` package) with GLM's command
+    tokens: from added_tokens.json when the folder has one, else after the vocabulary in GLM's order."""
+
+    def __init__(self, folder: Path):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            raise TokenizerError("glm-10b / glm-2b need the `tokenizers` package for their GPT-2 BPE: "
+                                 "pip install 'glmkit[glm]'") from None
+        folder = Path(folder)
+        self.path = folder / "vocab.json"
+        try:
+            bpe = models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        except Exception as e:                      # tokenizers raises its own Exception type
+            raise TokenizerError(f"{folder}: vocab.json + merges.txt are not a GPT-2 BPE: {e}") from None
+        self.hf = HFTokenizer(bpe)
+        self.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self.hf.decoder = decoders.ByteLevel()
+        vocab = self.hf.get_vocab()
+        self.n_vocab = len(vocab)
+        special = {"<|endoftext|>": vocab["<|endoftext|>"]} if "<|endoftext|>" in vocab else {}
+        added = _added_tokens(folder)
+        if added:
+            special.update(added)
+        else:
+            special.update({name: self.n_vocab + i for i, name in enumerate(GLM_GPT2_COMMANDS)})
+        self._setup(special)
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.n_vocab, max(self.special.values()) + 1)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([i for i in ids if 0 <= i < self.n_vocab], skip_special_tokens=False)
+
+
+def load_glm_tokenizer(folder: Path) -> GLMTokenizer:
+    folder = Path(folder)
+    if (folder / "cog-pretrain.model").is_file():
+        return GLMChineseTokenizer(folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return GLMGPT2Tokenizer(folder)
+    raise TokenizerError(f"{folder} has no GLM tokenizer: expected cog-pretrain.model (glm-large-chinese, "
+                         "glm-10b-chinese) or vocab.json + merges.txt (GPT-2 BPE of glm-10b / glm-2b)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -404,4 +560,6 @@ def load_tokenizer(folder, family: str) -> Tokenizer:
         return ChatGLM2Tokenizer(f, family=family)
     if family == "glm4":
         return GLM4Tokenizer(folder)
+    if family == "glm":
+        return load_glm_tokenizer(folder)
     raise TokenizerError(f"unknown tokenizer family {family!r}")

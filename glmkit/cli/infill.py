@@ -1,4 +1,5 @@
-"""glmkit infill: fill the [MASK]/[sMASK]/[gMASK] blanks of a text with a ChatGLM-6B (GLM) model."""
+"""glmkit infill: fill the [MASK]/[sMASK]/[gMASK] blanks of a text with a blank-filling GLM (the original GLM,
+ChatGLM-6B)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,10 @@ EXAMPLES = """examples:
 
 [MASK] fills a short span, [sMASK] a sentence, [gMASK] a long text (at the end: a continuation). Several masks
 are filled one after another, left to right. Greedy by default, as GLM's examples fill blanks; -t 0.9 --top-k 40
-samples as GLM's interactive generate_block.sh does. Only ChatGLM-6B fills blanks: ChatGLM2/3 and GLM-4 are
-causal models (use `glmkit generate`)."""
+samples as GLM's interactive generate_block.sh does. The original GLM (glm-10b, glm-large-chinese, ...) and
+ChatGLM-6B fill blanks: ChatGLM2/3 and GLM-4 are causal models (use `glmkit generate`):
+  glmkit infill --model ~/models/glm-10b-chinese "清华大学位于[MASK]。它成立于[MASK]年。"
+"""
 
 
 def add_arguments(p):

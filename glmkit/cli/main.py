@@ -8,7 +8,8 @@ import sys
 COMMANDS = {
     "chat": "Chat with a model in the terminal (streaming, multi-turn).",
     "generate": "Continue a raw prompt (no chat format) and print the result.",
-    "infill": "Fill the [MASK]/[sMASK]/[gMASK] blanks of a text (ChatGLM-6B) and print the completed text.",
+    "infill": "Fill the [MASK]/[sMASK]/[gMASK] blanks of a text (GLM, ChatGLM-6B) and print the completed text.",
+    "choose": "Rank candidate answers for a blank (GLM's multiple-choice scoring) and print them best first.",
     "quantize": "Write an INT8/INT4 weight-only quantized copy of a model folder.",
     "export-gguf": "Write a model as a GGUF file for llama.cpp (q4_0, q8_0, f16, f32).",
     "merge": "Fold a LoRA adapter into a base model's weights and write the merged model folder.",

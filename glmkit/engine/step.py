@@ -147,7 +147,7 @@ class Stepper:
             ids = pf.ids[:, :T]
             pf.inputs = model.attention_inputs(ids, torch.arange(T, device=ids.device)[None], T, pf.state,
                                                prefix_len=self.cache.prefix_len)
-            pf.hidden, pf.layer = model.embed(ids), 0
+            pf.hidden, pf.layer = model.embed(ids, pf.inputs[0]), 0
         stop = min(L, pf.layer + max(1, chunk * L // T))
         rope, mask, cpos = pf.inputs
         with self._adapters([seq]):

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import store
 from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
-from ..pipeline import AnswerText, Pipeline, logprob_entry
+from ..pipeline import MASK_TEXT, AnswerText, InfillPlan, Pipeline, logprob_entry
 from ..sampling import SamplingParams
 from . import choices, kb_routes, ollama, schemas, tokens
 from .access import Access
@@ -211,15 +211,17 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                                 f"(at least one position is needed for the answer)", param=param,
                            code="context_length_exceeded")
 
-    def submit(ids, params, constraint=None, logprobs=None, adapter=None) -> tuple[Sequence, asyncio.Queue]:
+    def submit(ids, params, constraint=None, logprobs=None, adapter=None, state=None,
+               stop_ids=None) -> tuple[Sequence, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
         def emit(ev):
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
-        ereq = Sequence(ids, params, fmt.stop_ids, emit, constraint=constraint, logprobs=logprobs,
-                        deadline=time.monotonic() + settings.request_timeout, adapter=adapter)
+        ereq = Sequence(ids, params, fmt.stop_ids if stop_ids is None else stop_ids, emit, constraint=constraint,
+                        logprobs=logprobs, deadline=time.monotonic() + settings.request_timeout, adapter=adapter,
+                        state=state)
         try:
             engine.submit(ereq)
         except QueueFull as e:
@@ -440,6 +442,36 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         return {"id": cid, "object": "chat.completion", "created": created, "model": r.model, "choices": out,
                 "usage": choices.usage([e.stats for e in ereqs]), **sources}
 
+    async def infill_completion(request: Request, r, text: str, params: SamplingParams, adapter):
+        """A prompt with several masks for a blank-filling GLM: every mask filled left to right, one generation
+        each (pipeline.InfillPlan) -> the completed text as the choice's text and each mask's span in "spans"
+        (the spans alone would lose their places); a stream gets it as one chunk once every mask is filled."""
+        if r.logprobs is not None:
+            raise APIError(400, "logprobs are not available for a prompt with several masks (send one mask)",
+                           param="logprobs", code="invalid_value")
+        plan = InfillPlan(tok, pipe.config, text)
+        reason, prompt_tokens, new_tokens = "stop", 0, 0
+        while (step := plan.next()) is not None:
+            ids, state = step
+            check_length(len(ids), "prompt")
+            ereq, q = submit(ids, params, None, None, adapter, state=state, stop_ids=plan.stops)
+            span, _, reason = await collect(request, ereq, q, AnswerText(tok, Prompt(ids=ids), params.stop, raw=True))
+            plan.fill(ereq.ids[len(ids):], span)
+            prompt_tokens += ereq.stats.prompt_tokens
+            new_tokens += ereq.stats.new_tokens
+        body = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
+                "model": r.model, "choices": [{"index": 0, "text": plan.text, "spans": plan.spans, "logprobs": None,
+                                               "finish_reason": reason}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens,
+                          "total_tokens": prompt_tokens + new_tokens}}
+        if not r.stream:
+            return body
+
+        async def one_chunk():
+            yield sse(body)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(one_chunk(), media_type="text/event-stream")
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         auth(request)
@@ -452,10 +484,12 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, "one prompt per request (a list of several prompts is not supported)",
                                param="prompt", code="invalid_value")
             p = p[0]
+        if isinstance(p, str) and pipe.config.prefix_lm and len(MASK_TEXT.findall(p)) > 1:
+            return await infill_completion(request, r, p, params, adapter)
         if isinstance(p, str):
             if not p:
                 raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
-            ids = tok.encode(p)        # GLM: [gMASK]<sop> appended; a prompt with [MASK]/[sMASK] is infilled
+            ids = tok.encode_for_generation(p)   # GLM: [gMASK]<sop> appended; a prompt with a mask is infilled
             prompt_text = p
         else:
             if not p:
