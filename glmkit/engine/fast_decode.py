@@ -38,6 +38,8 @@ def _env_off() -> bool:
 
 def _layout(cfg) -> Optional[str]:
     """'glm2' (ChatGLM2/3, GLM-4), 'chatglm' (ChatGLM-6B), or None for a mix the fused step does not know."""
+    if getattr(cfg, "pos_embedding", "rope") != "rope":       # original GLM's learned position tables
+        return None
     if (cfg.norm == "rmsnorm" and cfg.activation == "swiglu" and cfg.qkv_layout == "grouped"
             and not (cfg.rope_2d or cfg.prefix_lm or cfg.glm_residual)):
         return "glm2"
