@@ -390,6 +390,9 @@ class Pipeline:
         cfg = self.config
         if cfg.mask_positions_1d:
             return self._fill_blanks_130b(text, **sampling)
+        if sampling.pop("beams", 1) > 1:
+            raise ValueError("beam search fills blanks on GLM-130B only (generate.py's BeamSearchStrategy); "
+                             "use sampling options here, or Pipeline.beam_search for a continuation")
         if not (cfg.prefix_lm and cfg.rope_2d):
             name = FAMILY_NAMES.get(cfg.family, cfg.family)
             raise ValueError(f"infilling needs a blank-filling GLM (ChatGLM-6B: prefix attention, 2D positions); "
