@@ -241,7 +241,7 @@ def test_glm130b_quantized_shards_load_as_quantized_layers(tmp_path, tmp_path_fa
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_ranks_keep_their_own_scales_when_joined(tmp_path, bits):
-    from glmkit.checkpoint import load_model
+    from glmkit.checkpoint import load_model, save_model
     from glmkit.quant import QuantLinear
 
     args, full, shards = _wide_sat(tmp_path)
@@ -262,6 +262,12 @@ def test_quantized_ranks_keep_their_own_scales_when_joined(tmp_path, bits):
     ids = torch.tensor([[5, 9, 200, 3, 17, 150, 151, 40]])
     with torch.no_grad():
         assert (model(ids) - theirs(ids)).abs().max().item() < 1e-4
+    save_model(model, tmp_path / "saved")                # glmkit's own layout keeps the blocks as they are
+    again, info = load_model(tmp_path / "saved")
+    assert info.layout == "glmkit" and again.config.family == "glm130b"
+    _reference_path(again)
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
     # and the fast kernels run them
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
