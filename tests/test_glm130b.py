@@ -400,3 +400,21 @@ def test_fill_blanks_as_generate_py(pipe1):
     assert len(two.spans) == 2 and "[sMASK]" in two          # only the generation mask ([MASK]) is filled
     cont = pipe.infill(CASES[2]["text"], max_new_tokens=4, temperature=0)
     assert cont == CASES[2]["text"] + cont.spans[0] and cont.spans[0] == tok.decode(CASES[2]["greedy_12"][:4])
+
+
+@needs_130b
+def test_generate_and_infill_commands_take_beams(pipe1, monkeypatch, capsys):
+    import glmkit.cli.common as common
+    from glmkit.cli.main import main
+
+    monkeypatch.setattr(common, "load_pipeline", lambda args: pipe1)     # the model loaded once for the module
+    monkeypatch.setattr("glmkit.cli.generate.load_pipeline", lambda args: pipe1)
+    monkeypatch.setattr("glmkit.cli.infill.load_pipeline", lambda args: pipe1)
+    text = CASES[2]["text"]
+    assert main(["generate", "--model", str(pipe1.path), "--prompt", text, "--beams", "2", "-n", "3",
+                 "--no-repeat-ngram-size", "2"]) == 0
+    want = pipe1.beam_search(text, 2, max_new_tokens=3, no_repeat_ngram_size=2)[0]
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["infill", "--model", str(pipe1.path), text, "-n", "3", "-t", "0", "--show-spans"]) == 0
+    out = capsys.readouterr().out.splitlines()          # no mask in the text: GLM-130B appends [gMASK]
+    assert out[0] == text + pipe1.tokenizer.decode(CASES[2]["greedy_12"][:3]) and out[1].startswith("[gMASK] #1")
