@@ -423,9 +423,26 @@ class GLMFormat(ChatFormat):
                               "(glmkit generate) or rank choices (glmkit choose)")
 
 
+class GLM130BFormat(ChatFormat):
+    """GLM-130B is a base model with no chat format: a conversation is the text of its messages, one per line,
+    and the model continues it as GLM-130B's generate.py does ([gMASK] appended, eos, sop). Stops at eop/eos,
+    generate.sh's sampling defaults."""
+    family = "glm130b"
+    defaults = {"temperature": 1.0, "top_p": 0.7, "top_k": 0}
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.tok.special["eop"], self.tok.special["eos"]]
+
+    def _render(self, msgs, tools, forced):
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ChatFormatError("the last message must be the user's text")
+        return self.tok.encode("\n".join(m["content"] for m in msgs))
+
+
 def format_for(tok) -> ChatFormat:
     return {"chatglm": ChatGLM6BFormat, "chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format,
-            "glm4": GLM4Format, "glm": GLMFormat}[tok.family](tok)
+            "glm4": GLM4Format, "glm": GLMFormat, "glm130b": GLM130BFormat}[tok.family](tok)
 
 
 # ------------------------------------------------------------------------------------------------------------

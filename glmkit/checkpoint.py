@@ -98,6 +98,7 @@ KEY_MAPS: dict[str, dict[str, object]] = {
 }
 # prefixes a layout's keys may carry in the file (GLMForConditionalGeneration / GLMForMultipleChoice: "glm.")
 KEY_PREFIXES: dict[str, tuple[str, ...]] = {"glm": ("glm.",)}
+KEY_MAPS["sat"] = KEY_MAPS["chatglm"]   # GLM-130B's SAT checkpoints name their tensors as ChatGLM-6B (output tied)
 # buffers the official code saves that we recompute (rotary inverse frequencies)
 IGNORED_KEYS = [re.compile(r"(^|\.)rotary_emb\.inv_freq$"), re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")]
 
@@ -461,6 +462,9 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
 
     t0 = time.perf_counter()
     path = Path(path)
+    from . import sat_checkpoint
+    if sat_checkpoint.is_sat_dir(path):          # GLM-130B's SwissArmyTransformer layout: no config.json
+        return sat_checkpoint.load_sat(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
     cfg_dict = read_config(path)
     try:
         cfg = from_hf(cfg_dict, family=family or detect_family(path, cfg_dict))

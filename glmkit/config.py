@@ -38,7 +38,7 @@ class ModelConfig:
     max_seq_len: int                 # positions the model was trained for (rotary table size)
     norm: str = "rmsnorm"            # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    activation: str = "swiglu"       # "gelu_tanh" (ChatGLM-6B) | "gelu_erf" (original GLM) | "swiglu"
+    activation: str = "swiglu"       # "gelu_tanh" (ChatGLM-6B) | "gelu_erf" (GLM) | "swiglu" | "geglu" (GLM-130B)
     qkv_layout: str = "grouped"      # "per_head": [heads, (q,k,v), head_dim] (ChatGLM-6B) | "grouped": [q | k | v]
     qkv_bias: bool = True
     out_bias: bool = False           # bias of the attention output projection
@@ -57,6 +57,8 @@ class ModelConfig:
     pos_embedding: str = "rope"
     first_mask_any: bool = False     # original GLM: the mask position is the first [MASK]/[sMASK]/[gMASK] of any
     #                                  kind (ChatGLM-6B: the first [gMASK], else the first [MASK])
+    mask_positions_1d: bool = False  # GLM-130B: 1D positions, <sop> and the span at the [MASK]/[sMASK]'s
+    attn_fp32_softmax: bool = False  # GLM-130B: attention scores and softmax in fp32 whatever the dtype
     # token ids the model itself needs (positions and masks of ChatGLM-6B) and generation defaults
     mask_token_id: Optional[int] = None
     gmask_token_id: Optional[int] = None
@@ -95,7 +97,7 @@ class ModelConfig:
     def num_params(self) -> int:
         h, L = self.hidden_size, self.num_layers
         attn = h * self.qkv_size + self.num_heads * self.head_dim * h
-        ffn_in = self.ffn_hidden_size * (2 if self.activation == "swiglu" else 1)
+        ffn_in = self.ffn_hidden_size * (2 if self.activation in ("swiglu", "geglu") else 1)
         mlp = h * ffn_in + self.ffn_hidden_size * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return L * (attn + mlp) + emb
@@ -426,7 +428,57 @@ PRESETS_HF: dict[str, tuple[dict, str]] = {
 
 
 def preset(name: str) -> ModelConfig:
+    if name == "glm-130b":                      # SAT arguments, no config.json (see from_sat_args below)
+        return from_sat_args(GLM130B_SAT_ARGS)
     if name not in PRESETS_HF:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS_HF))}")
     d, fam = PRESETS_HF[name]
     return from_hf(dict(d), family=fam)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GLM-130B (SwissArmyTransformer checkpoints; read by sat_checkpoint.py). The release ships no config file:
+# the architecture is SAT's GLM130B class with the arguments of configs/model_glm_130b.sh.
+# ------------------------------------------------------------------------------------------------------
+
+FAMILIES = FAMILIES + ("glm130b",)
+FAMILY_NAMES["glm130b"] = "GLM-130B"
+
+# SAT argument names (as in configs/model_glm_130b.sh / a model_args.json), published GLM-130B values
+GLM130B_SAT_ARGS = {"num-layers": 70, "hidden-size": 12288, "inner-hidden-size": 32768, "vocab-size": 150528,
+                    "num-attention-heads": 96, "max-sequence-length": 2048, "tokenizer-type": "icetk-glm-130B",
+                    "layernorm-order": "post", "model-parallel-size": 8}
+# icetk-glm-130B ids: 20000 image tokens, then ice_text.model's text pieces; SAT's specials from 150000
+GLM130B_IDS = {"[MASK]": 150000, "[gMASK]": 150001, "[sMASK]": 150002, "eod": 150003, "sop": 150004,
+               "eop": 150005, "ENC": 150006, "dBLOCK": 150007, "eos": 20002}
+
+
+def from_sat_args(a: dict) -> ModelConfig:
+    """SAT arguments of a GLM-130B checkpoint (dashes or underscores) -> ModelConfig of SAT's GLM130B class:
+    DeepNorm post-LN (x = LN(x) * sqrt(2L) + f(LN(x)), glm_residual), GeGLU, rotary over the whole head dim
+    (rotate-half, fp16 inverse frequencies) on 1D positions, per-head [q, k, v] rows, every linear with a
+    bias, LayerNorm eps 1e-5 (SAT's default), output tied to the word embeddings, fp32 softmax."""
+    a = {str(k).replace("_", "-"): v for k, v in a.items()}
+    missing = [k for k in ("num-layers", "hidden-size", "num-attention-heads", "vocab-size") if k not in a]
+    if missing:
+        raise ConfigError(f"SAT arguments lack {', '.join(missing)}")
+    order = a.get("layernorm-order", "post")
+    if order != "post":
+        raise ConfigError(f"layernorm-order {order!r}: GLM-130B is DeepNorm post-LN ('post'); other SAT "
+                          "models are not supported")
+    h, nh = int(a["hidden-size"]), int(a["num-attention-heads"])
+    if h % nh:
+        raise ConfigError(f"hidden-size {h} is not a multiple of num-attention-heads {nh}")
+    ids = GLM130B_IDS
+    return ModelConfig(
+        family="glm130b", vocab_size=int(a["vocab-size"]), hidden_size=h, num_layers=int(a["num-layers"]),
+        num_heads=nh, num_kv_heads=nh, head_dim=h // nh,
+        ffn_hidden_size=int(a.get("inner-hidden-size") or 4 * h),
+        max_seq_len=int(a.get("max-sequence-length", 2048)), norm="layernorm", norm_eps=1e-5,
+        activation="geglu", qkv_layout="per_head", qkv_bias=True, out_bias=True, mlp_bias=True,
+        glm_residual=True, alpha_layers=0, prefix_lm=True, rope_2d=False, rope_dim=h // nh,
+        rope_interleaved=False, rope_base=10000.0, rope_fp16_freqs=True, tie_word_embeddings=True,
+        mask_positions_1d=True, attn_fp32_softmax=True,
+        mask_token_id=ids["[MASK]"], gmask_token_id=ids["[gMASK]"], smask_token_id=ids["[sMASK]"],
+        sop_token_id=ids["sop"], eos_token_id=ids["eop"], pad_token_id=None,
+        torch_dtype="float16", name="THUDM/GLM-130B", extra={"sat_args": a})

@@ -10,6 +10,8 @@ Shapes at the boundaries: B batch, T new tokens, S key/value positions, H heads,
                     attention as ChatGLM-6B; the mask position is the first mask token of any kind.
     ChatGLM2/3, GLM-4  RMSNorm, pre-norm residual, [q | k | v] fused QKV with bias, G < H key/value groups,
                     rotary on the first half of each head in interleaved pairs, SwiGLU, causal attention.
+    GLM-130B        ChatGLM-6B's LayerNorm/alpha residual (DeepNorm), per-head QKV and prefix attention, but
+                    1D rotary over the whole head dim (the span at its mask's position), GeGLU, tied output.
 
 The KV cache is an object the caller owns and passes in (glmkit/engine/cache.py's KVCache; the model keeps no
 state between calls). Its one method the model uses:
@@ -155,7 +157,7 @@ class Attention(nn.Module):
             m = None
         else:
             m = mask.unsqueeze(2).expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S) if rep > 1 else mask
-        if self.fp32_softmax and q.dtype in (torch.float16, torch.bfloat16):
+        if (self.fp32_softmax or self.cfg.attn_fp32_softmax) and q.dtype in (torch.float16, torch.bfloat16):
             with torch.autocast(q.device.type, enabled=False):     # else autocast casts back down
                 y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m).to(q.dtype)
         else:
@@ -184,7 +186,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
         self.gelu = "none" if cfg.activation == "gelu_erf" else "tanh"
-        inner = cfg.ffn_hidden_size * (2 if self.swiglu else 1)
+        self.geglu = cfg.activation == "geglu"
+        inner = cfg.ffn_hidden_size * (2 if self.swiglu or self.geglu else 1)
         self.up = nn.Linear(cfg.hidden_size, inner, bias=cfg.mlp_bias)       # dense_h_to_4h (gate | up)
         self.down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
@@ -193,6 +196,9 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.geglu:                               # GLM-130B: [a | b] -> a * gelu(b), erf GELU
+            a, b = h.chunk(2, dim=-1)
+            h = a * F.gelu(b)
         else:
             h = F.gelu(h, approximate=self.gelu)
         return self.down(h)
@@ -294,6 +300,8 @@ class GLM(nn.Module):
         if not cfg.prefix_lm and not cfg.rope_2d:
             z = torch.zeros(B, dtype=torch.long, device=dev)
             return SeqState(z, z - 1)
+        if cfg.mask_positions_1d:
+            return self._sequence_state_130b(input_ids)
         ctx, mpos = [], []
         masks = [t for t in (cfg.gmask_token_id, cfg.mask_token_id, cfg.smask_token_id) if t is not None]
         for row in input_ids.tolist():
@@ -314,6 +322,18 @@ class GLM(nn.Module):
         block = torch.where(in_ctx, torch.zeros_like(cache_pos), cache_pos - ctx + 1)
         return pos, block
 
+    def _sequence_state_130b(self, input_ids: torch.Tensor) -> SeqState:
+        """GLM-130B (generate.py): context = tokens before <sop>; generated tokens take the position of the
+        first [MASK], else of the first [sMASK]; with neither ([gMASK] only) positions simply go on (-1)."""
+        cfg = self.config
+        ctx, mpos = [], []
+        for row in input_ids.tolist():
+            ctx.append(row.index(cfg.sop_token_id) if cfg.sop_token_id in row else len(row))
+            m = next((row.index(t) for t in (cfg.mask_token_id, cfg.smask_token_id) if t in row), -1)
+            mpos.append(m)
+        dev = input_ids.device
+        return SeqState(torch.tensor(ctx, device=dev), torch.tensor(mpos, device=dev))
+
     def _rope_for(self, cache_pos: torch.Tensor, state: SeqState, position_ids: Optional[torch.Tensor]):
         if self.config.pos_embedding == "learned_2d":
             if position_ids is not None:               # [B, 2, T]
@@ -329,6 +349,9 @@ class GLM(nn.Module):
         cfg = self.config
         if not cfg.rope_2d:
             p = cache_pos if position_ids is None else position_ids
+            if position_ids is None and cfg.mask_positions_1d:     # GLM-130B: <sop> on at the mask
+                keep = (cache_pos < state.ctx_len[:, None]) | (state.mask_pos[:, None] < 0)
+                p = torch.where(keep, cache_pos, state.mask_pos[:, None])
             return (look(p),)
         if position_ids is not None:                   # [B, 2, T]
             return look(position_ids[:, 0]), look(position_ids[:, 1])
@@ -372,7 +395,7 @@ class GLM(nn.Module):
         given_pos = cache_pos is not None
         if cache_pos is None:
             cache_pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        two_d = cfg.rope_2d or cfg.pos_embedding == "learned_2d"
+        two_d = cfg.rope_2d or cfg.pos_embedding == "learned_2d" or cfg.mask_positions_1d
         needs_state = (position_ids is None and two_d) or (attention_mask is None and cfg.prefix_lm)
         if needs_state and state is None:
             state = self.sequence_state(input_ids)

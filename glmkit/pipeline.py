@@ -409,9 +409,31 @@ class Pipeline:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
         return ChatRun(self, Prompt(ids=ids), params, raw=True, logprobs=logprobs)
 
-    def generate(self, prompt, **sampling) -> str:
-        """Continue raw text (the tokenizer's special tokens added as its encode() does) -> new text."""
+    def generate(self, prompt, beams: int = 1, **sampling) -> str:
+        """Continue raw text (the tokenizer's special tokens added as its encode() does) -> new text.
+        beams > 1: the best of beam_search (its options: length_penalty, no_repeat_ngram_size, min_gen_length)."""
+        if beams > 1:
+            return self.beam_search(prompt, beams, **sampling)[0]
         return self.start_generate(prompt, **sampling).result()
+
+    def beam_search(self, prompt, num_beams: int = 4, max_new_tokens: Optional[int] = None,
+                    length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_gen_length: int = 0,
+                    sample: bool = False, seed: Optional[int] = None, state: Optional[SeqState] = None,
+                    max_tokens: Optional[int] = None) -> list:
+        """GLM-130B's BeamSearchStrategy (engine/beam.py) on this model -> up to num_beams BeamText (a str with
+        .tokens, .score, .ended), best first. Stops at the format's stop ids; max_new_tokens default 256
+        (generate.sh's out-seq-length), within the context."""
+        from .engine.beam import BeamParams, CachedStep, beam_search
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        room = self.ctx - len(ids) - 1
+        if room < 1:
+            raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
+        n = min(room, max_new_tokens or max_tokens or 256)
+        params = BeamParams(num_beams, length_penalty, no_repeat_ngram_size, min_gen_length,
+                            tuple(self.chat_format.stop_ids), sample)
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        beams = beam_search(CachedStep(self.model, ids, num_beams, n, state), ids, n, params, gen)
+        return [BeamText(self.tokenizer.decode(b.tokens), b.tokens, b.score, b.ended) for b in beams]
 
     def stream_generate(self, prompt, **sampling) -> Iterator[str]:
         return iter(self.start_generate(prompt, **sampling))
@@ -425,6 +447,11 @@ class Pipeline:
         position until <eop> / <|endofpiece|>. Sampling options as generate() (max_new_tokens per span); greedy
         unless temperature or do_sample is given, as GLM's examples (transformers' generate()) fill blanks.
         """
+        if self.config.mask_positions_1d:
+            return self._fill_blanks_130b(text, **sampling)
+        if sampling.pop("beams", 1) > 1:
+            raise ValueError("beam search fills blanks on GLM-130B only (generate.py's BeamSearchStrategy); "
+                             "use sampling options here, or Pipeline.beam_search for a continuation")
         plan = InfillPlan(self.tokenizer, self.config, text)
         if sampling.get("temperature") is None and not sampling.get("do_sample"):
             sampling["temperature"] = 0.0
@@ -486,6 +513,54 @@ def _sync_glm_ids(cfg, tok) -> None:
     cfg.mask_token_id, cfg.sop_token_id = sp["[MASK]"], sp["<|startofpiece|>"]
     cfg.gmask_token_id, cfg.smask_token_id = sp.get("[gMASK]"), sp.get("[sMASK]")
     cfg.eos_token_id, cfg.pad_token_id = sp["<|endofpiece|>"], sp["<|endoftext|>"]
+
+
+    def _fill_blanks_130b(self, text: str, beams: int = 1, **options) -> Infilled:
+        """GLM-130B's generate.py fill_blanks: the generation mask is [MASK] if the text has one, else [sMASK],
+        else [gMASK] (appended when the text has none); each occurrence of it, left to right, is generated
+        after the text so far + sop (at the mask's position unless [gMASK]) and spliced in. Sampling as
+        generate.sh (BaseStrategy: temperature 1, top-p 0.7) unless options say otherwise; beams > 1: beam
+        search (length_penalty, no_repeat_ngram_size, min_gen_length)."""
+        tok = self.tokenizer
+        gen_mask = next((m for m in ("[MASK]", "[sMASK]") if m in text), "[gMASK]")
+        use_gmask = gen_mask == "[gMASK]"
+        seq = tok.encode(text)[:-1]                           # generate.py's seq, before sop
+        mask_id, sop = tok.special[gen_mask], tok.special["sop"]
+        pieces = MASK_TEXT.split(text if MASK_TEXT.search(text) else text + gen_mask)
+        out, spans, stats = pieces[0], [], []
+        k = 1
+        while mask_id in seq:
+            mpos = seq.index(mask_id)
+            ids = seq + [sop]
+            state = SeqState(torch.tensor([len(ids) - 1]), torch.tensor([-1 if use_gmask else mpos]))
+            if beams > 1:
+                best = self.beam_search(ids, beams, state=state, **options)[0]
+                span_ids, span = best.tokens, str(best)
+            else:
+                stream = self.engine.generate(ids, self.sampling_params(**options), self.chat_format.stop_ids, state)
+                span_ids = list(stream)
+                span = tok.decode(span_ids)
+                stats.append(stream.stats)
+            seq = seq[:mpos] + span_ids + seq[mpos + 1:]
+            spans.append(span)
+            while k < len(pieces) and pieces[k] != gen_mask:  # other masks stay as they are
+                out += pieces[k] + pieces[k + 1]
+                k += 2
+            out += span + (pieces[k + 1] if k + 1 < len(pieces) else "")
+            k += 2
+        while k < len(pieces):
+            out += pieces[k] + (pieces[k + 1] if k + 1 < len(pieces) else "")
+            k += 2
+        return Infilled(out, spans, stats)
+
+
+class BeamText(str):
+    """One beam of Pipeline.beam_search: its text, with .tokens, .score (length-penalised) and .ended."""
+
+    def __new__(cls, text: str, tokens, score: float, ended: bool):
+        s = super().__new__(cls, text)
+        s.tokens, s.score, s.ended = list(tokens), float(score), bool(ended)
+        return s
 
 
 def _generation_defaults(path: Path) -> dict:

@@ -225,6 +225,71 @@ class ChatGLM2Tokenizer(Tokenizer):
         return self.sp.decode([i for i in ids if 0 <= i < n])
 
 
+class GLM130BTokenizer(Tokenizer):
+    """GLM-130B's icetk-glm-130B (SAT's _IceTokenizer): icetk's text ids are the SentencePiece ids of
+    ice_text.model + 20000 (icetk's image tokens come first), text encoded as is (no <n> / blank markers;
+    decode turns <n> back into newlines, as icetk does); SAT's specials from 150000, eos = </s> = 20002.
+    ChatGLM-6B's ice_text.model holds the same pieces: its [MASK] [gMASK] [sMASK] <unused_0> <sop> <eop>
+    <ENC> <dBLOCK> sit at exactly the GLM-130B special ids minus 20000, which __init__ checks.
+
+    encode(text) builds the model input as GLM-130B's generate.py does: each piece between masks encoded on
+    its own, the mask ids in between, [gMASK] appended when the text has no mask, else eos when it does not
+    end with a mask, then sop."""
+    family = "glm130b"
+    OFFSET = 20000
+    PIECES = {"[MASK]": "[MASK]", "[gMASK]": "[gMASK]", "[sMASK]": "[sMASK]", "eod": "<unused_0>",
+              "sop": "<sop>", "eop": "<eop>", "ENC": "<ENC>", "dBLOCK": "<dBLOCK>", "eos": "</s>"}
+    MASK_RE = re.compile(r"(\[[sg]?MASK\])")
+
+    def __init__(self, path: Path):
+        from .config import GLM130B_IDS
+        self.path = Path(path)
+        self.sp = _sp(self.path)
+        self.special = {}
+        for name, piece in self.PIECES.items():
+            got = self.sp.piece_to_id(piece) + self.OFFSET
+            if got != GLM130B_IDS[name]:
+                raise TokenizerError(f"{self.path}: piece {piece} has id {got - self.OFFSET}; icetk-glm-130B needs "
+                                     f"{GLM130B_IDS[name] - self.OFFSET} (use ChatGLM-6B's or icetk's ice_text.model)")
+            self.special[name] = got
+        self.eos_id = self.special["eop"]
+        self.pad_id = None
+        super().__init__()
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.special.values()) + 1
+
+    def encode_plain(self, text: str) -> list[int]:
+        return [i + self.OFFSET for i in self.sp.encode(text)] if text else []
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        parts = self.MASK_RE.split(text)
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            ids += [self.special[part]] if k % 2 else self.encode_plain(part)
+        if add_special_tokens:
+            if len(parts) == 1:                        # generate.py appends " [gMASK]" to the text itself
+                ids.append(self.special["[gMASK]"])
+            elif not text.endswith("MASK]"):
+                ids.append(self.special["eos"])
+            ids.append(self.special["sop"])
+        return ids
+
+    def _decode_plain(self, ids: Sequence[int]) -> str:
+        n = self.sp.vocab_size()
+        ids = [i - self.OFFSET for i in ids if 0 <= i - self.OFFSET < n]
+        return self.sp.decode(ids).replace("<n>", "\n")
+
+
+def find_icetk_model(folder: Path) -> Optional[Path]:
+    """ice_text.model for a GLM-130B folder: in it, beside it, or where icetk keeps it (~/.icetk_models)."""
+    for d in (folder, folder.parent, Path("~/.icetk_models").expanduser()):
+        if (d / "ice_text.model").is_file():
+            return d / "ice_text.model"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The original GLM (2021): command tokens around a SentencePiece or GPT-2 BPE vocabulary
 # ------------------------------------------------------------------------------------------------------------
@@ -541,6 +606,12 @@ class IncrementalDecoder:
 
 def load_tokenizer(folder, family: str) -> Tokenizer:
     folder = Path(folder)
+    if family == "glm130b":
+        f = find_icetk_model(folder)
+        if f is None:
+            raise TokenizerError(f"no ice_text.model for the GLM-130B checkpoint {folder}: put icetk's (or ChatGLM-6B's, "
+                                 "the same pieces) in the folder, beside it or in ~/.icetk_models/")
+        return GLM130BTokenizer(f)
     if family == "chatglm":
         f = folder / "ice_text.model"
         if not f.is_file():
