@@ -80,8 +80,8 @@ class ModelConfig:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.pos_embedding not in ("rope", "learned_2d"):
             raise ConfigError(f"unknown pos_embedding {self.pos_embedding!r}; expected 'rope' or 'learned_2d'")
-        if self.activation not in ("swiglu", "gelu_tanh", "gelu_erf"):
-            raise ConfigError(f"unknown activation {self.activation!r}; expected swiglu, gelu_tanh or gelu_erf")
+        if self.activation not in ("swiglu", "geglu", "gelu_tanh", "gelu_erf"):
+            raise ConfigError(f"unknown activation {self.activation!r}; expected swiglu, geglu, gelu_tanh or gelu_erf")
         if self.rope_dim % 2 or self.rope_dim * (2 if self.rope_2d else 1) > self.head_dim:
             raise ConfigError(f"rope_dim={self.rope_dim} does not fit head_dim={self.head_dim}")
 

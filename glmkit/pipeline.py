@@ -507,14 +507,6 @@ class Pipeline:
         return mc.score(self.model, packed, length_normalize)
 
 
-def _sync_glm_ids(cfg, tok) -> None:
-    """Original GLM: the token ids the model derives positions from are the tokenizer's (its folder's files)."""
-    sp = tok.special
-    cfg.mask_token_id, cfg.sop_token_id = sp["[MASK]"], sp["<|startofpiece|>"]
-    cfg.gmask_token_id, cfg.smask_token_id = sp.get("[gMASK]"), sp.get("[sMASK]")
-    cfg.eos_token_id, cfg.pad_token_id = sp["<|endofpiece|>"], sp["<|endoftext|>"]
-
-
     def _fill_blanks_130b(self, text: str, beams: int = 1, **options) -> Infilled:
         """GLM-130B's generate.py fill_blanks: the generation mask is [MASK] if the text has one, else [sMASK],
         else [gMASK] (appended when the text has none); each occurrence of it, left to right, is generated
@@ -552,6 +544,14 @@ def _sync_glm_ids(cfg, tok) -> None:
             out += pieces[k] + (pieces[k + 1] if k + 1 < len(pieces) else "")
             k += 2
         return Infilled(out, spans, stats)
+
+
+def _sync_glm_ids(cfg, tok) -> None:
+    """Original GLM: the token ids the model derives positions from are the tokenizer's (its folder's files)."""
+    sp = tok.special
+    cfg.mask_token_id, cfg.sop_token_id = sp["[MASK]"], sp["<|startofpiece|>"]
+    cfg.gmask_token_id, cfg.smask_token_id = sp.get("[gMASK]"), sp.get("[sMASK]")
+    cfg.eos_token_id, cfg.pad_token_id = sp["<|endofpiece|>"], sp["<|endoftext|>"]
 
 
 class BeamText(str):

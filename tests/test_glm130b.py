@@ -404,10 +404,10 @@ def test_fill_blanks_as_generate_py(pipe1):
 
 @needs_130b
 def test_generate_and_infill_commands_take_beams(pipe1, monkeypatch, capsys):
-    import glmkit.cli.common as common
     from glmkit.cli.main import main
 
-    monkeypatch.setattr(common, "load_pipeline", lambda args: pipe1)     # the model loaded once for the module
+    # the model loaded once for the module; patched where the two commands bound it (patching cli.common
+    # itself would leave the lambda in every command module main() imports meanwhile)
     monkeypatch.setattr("glmkit.cli.generate.load_pipeline", lambda args: pipe1)
     monkeypatch.setattr("glmkit.cli.infill.load_pipeline", lambda args: pipe1)
     text = CASES[2]["text"]
