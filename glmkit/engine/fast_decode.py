@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..float_kernels import FloatLinear
 from ..model import GLM
 from ..quant import QuantLinear
 from .cache import KVCache
@@ -40,7 +41,7 @@ def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
         return f"kernels unavailable: {kernels.reason()}"
     cfg = model.config
     if model.device.type != "cpu" or model.dtype != torch.float32:
-        return "needs fp32 activations on CPU (a quantized model)"
+        return "needs fp32 activations on CPU (a quantized model, or a float one on the kernels)"
     if cfg.rope_2d or cfg.prefix_lm or cfg.glm_residual:
         return "ChatGLM-6B layout (2D rotary, prefix attention, alpha residual)"
     if cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.qkv_layout == "per_head":
@@ -48,8 +49,8 @@ def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
     for i, layer in enumerate(model.layers):
         for name, mod in (("attn.qkv", layer.attn.qkv), ("attn.out", layer.attn.out), ("mlp.up", layer.mlp.up),
                           ("mlp.down", layer.mlp.down)):
-            if type(mod) is not QuantLinear or not mod.prepare():
-                return f"layers.{i}.{name} is not a quantized layer on the kernels' path"
+            if type(mod) not in (QuantLinear, FloatLinear) or not mod.prepare():
+                return f"layers.{i}.{name} is not a quantized or fp16/bf16 layer on the kernels' path"
     if cache is not None and (cache.dtype != torch.float16 or not all(t.is_contiguous() for t in cache.k + cache.v)
                               or cache.k[0].device.type != "cpu"):
         return f"needs a contiguous fp16 KV cache on CPU (this one is {cache.dtype})"
