@@ -41,9 +41,9 @@ def _ext():
     else:
         args = ["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"]
         link = ["-pthread"]
-    src = ["qgemm.c", "decode_ops.c", "fgemm.c", "fgemm_avx2.c", "fgemm_avx512.c"]
+    src = ["qgemm.c", "decode_ops.c", "qgemm_vnni.c", "qgemm_vnni_emu.c", "fgemm.c", "fgemm_avx2.c", "fgemm_avx512.c"]
     return [Extension("glmkit.kernels._qgemm", [f"glmkit/kernels/{f}" for f in src],
-                      depends=["glmkit/kernels/qgemm_internal.h", "glmkit/kernels/fgemm_kern.inc"],
+                      depends=[f"glmkit/kernels/{f}" for f in ("qgemm_internal.h", "qgemm_vnni.inc", "fgemm_kern.inc")],
                       extra_compile_args=args, extra_link_args=link)]
 
 

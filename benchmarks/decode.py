@@ -85,8 +85,7 @@ def child_glmkit(folder: str, dtype: str, threads: int, n_prompt: int, n_gen: in
 
     set_threads(threads)                          # PyTorch and the kernels, as --threads does
     model, _ = load_model(folder, dtype=None if dtype == "auto" else dtype)
-    if model.config.quantization:
-        prepare_model(model)
+    prepare_model(model)                          # as glmkit.load(): quantized and bf16 layers onto the kernels
     eng = Engine(model, max_seq=ctx)              # the Pipeline's engine: one slot
     ids = prompt_ids(n_prompt, model.config.vocab_size)
     # warm-up: page weights in, pack kernels, first-call overheads
@@ -303,7 +302,9 @@ def main():
     print(f"decode_int4_vs_q4_0={ratio('glmkit-int4', 'llama-q4_0', 'decode_tps')} "
           f"decode_int8_vs_q8_0={ratio('glmkit-int8', 'llama-q8_0', 'decode_tps')} "
           f"prefill_int4_vs_q4_0={ratio('glmkit-int4', 'llama-q4_0', 'prefill_tps')} "
-          f"roofline_int4={roof4 / 100:.3f} rss_int4_gb={rss4:.2f}")
+          f"roofline_int4={roof4 / 100:.3f} rss_int4_gb={rss4:.2f} "
+          f"decode_f16_vs_f16={ratio('glmkit-bf16', 'llama-f16', 'decode_tps')} "
+          f"prefill_f16_vs_f16={ratio('glmkit-bf16', 'llama-f16', 'prefill_tps')}")
 
 
 if __name__ == "__main__":

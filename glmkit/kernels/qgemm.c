@@ -80,7 +80,6 @@
 #define QG_X86 0
 #endif
 
-#define QG_MAX_THREADS 256
 
 /* ================================================================================================= */
 /* fp16 -> fp32 (portable)                                                                             */
@@ -333,11 +332,6 @@ static int default_threads(void) {
 /* ================================================================================================= */
 /* Scratch: quantized activations                                                                      */
 /* ================================================================================================= */
-typedef struct {
-    int8_t *q;        /* [M][K] */
-    float *d;         /* [M][NB] scale */
-    int32_t *s;       /* [M][NB] 8 * sum(q) (q4 offset correction) */
-} xquant;
 
 static void *g_scratch = NULL;
 static size_t g_scratch_n = 0;
@@ -386,20 +380,6 @@ static void quantize_x_scalar(const float *x, int M, int K, xquant *xq) {
 /* ================================================================================================= */
 /* GEMM job                                                                                            */
 /* ================================================================================================= */
-typedef struct {
-    int kind;                 /* 4 or 8 */
-    const uint8_t *wq;        /* packed quant area */
-    const uint16_t *ws;       /* packed scale area */
-    const float *bias;        /* or NULL */
-    float *y;
-    int M, N, K, group;
-    int NB, NG, P;
-    xquant xq;
-    int chunk;                /* panels per work item */
-    int nchunks;
-    int nth;
-    struct { _Atomic int next; int end; char pad[56]; } q[QG_MAX_THREADS];   /* per-thread chunk queues */
-} gemm_job;
 
 /* ---------------- portable scalar panel kernel (reference semantics for the AVX2 one) ------------ */
 static void panel_scalar(const gemm_job *J, int p) {
@@ -735,6 +715,14 @@ static void gemm_task(void *ctx, int tid, int nth) {
         const int p0 = c * J->chunk;
         const int p1 = p0 + J->chunk < J->P ? p0 + J->chunk : J->P;
 #if QG_X86
+        if (g_isa == QG_ISA_AVX512) {
+            for (int p = p0; p < p1; p++) qg_qpanel_vnni(J, p);
+            continue;
+        }
+        if (g_isa == QG_ISA_AVX512_EMU) {
+            for (int p = p0; p < p1; p++) qg_qpanel_vnni_emu(J, p);
+            continue;
+        }
         if (g_use_avx2) {
             for (int p = p0; p < p1; p++) panel_avx2(J, p);
             continue;

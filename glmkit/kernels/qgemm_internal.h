@@ -5,6 +5,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdatomic.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(QG_FORCE_PORTABLE)
 #define QG_HAVE_X86 1
@@ -18,6 +19,35 @@
 enum { QG_ISA_SCALAR = 0, QG_ISA_AVX2 = 1, QG_ISA_AVX512 = 2, QG_ISA_AVX512_EMU = 3 };
 int qg_isa(void);                     /* the variant in use */
 long qg_prefetch_bytes(void);         /* software prefetch distance of one-row (decode) weight streams */
+
+#define QG_MAX_THREADS 256
+
+/* one INT4 / INT8 GEMM (qgemm.c: layout and arithmetic), as the per-ISA panel kernels see it */
+typedef struct {
+    int8_t *q;        /* [M][K] */
+    float *d;         /* [M][NB] scale */
+    int32_t *s;       /* [M][NB] 8 * sum(q) (q4 offset correction) */
+} xquant;
+
+typedef struct {
+    int kind;                 /* 4 or 8 */
+    const uint8_t *wq;        /* packed quant area */
+    const uint16_t *ws;       /* packed scale area */
+    const float *bias;        /* or NULL */
+    float *y;
+    int M, N, K, group;
+    int NB, NG, P;
+    xquant xq;
+    int chunk;                /* panels per work item */
+    int nchunks;
+    int nth;
+    struct { _Atomic int next; int end; char pad[56]; } q[QG_MAX_THREADS];   /* per-thread chunk queues */
+} gemm_job;
+
+/* the VNNI kernels (qgemm_vnni.inc): the AVX2 panel kernel with vpdpbusd for the int8 dot products; the
+ * emulated one runs the same code with vpdpbusd emulated exactly on AVX2 (tests) */
+void qg_qpanel_vnni(const gemm_job *J, int p);
+void qg_qpanel_vnni_emu(const gemm_job *J, int p);
 
 typedef void (*qg_task_fn)(void *ctx, int tid, int nth);
 
