@@ -477,7 +477,6 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers as stored (quantized weights, scales, float leftovers)."""
     seen, total = set(), 0
     packed = [m._packed for m in model.modules() if isinstance(m, QuantLinear) and m._packed is not None]
-    packed += [b for m in model.modules() for n, b in m.named_buffers(recurse=False) if n == "packed"]
     for t in list(model.parameters()) + list(model.buffers()) + packed:
         if t.data_ptr() in seen or t.device.type == "meta":
             continue

@@ -149,8 +149,10 @@ static void detect_cpu(void) {
         g_has_avx512vl = (b >> 31) & 1;
         g_has_vnni = (c >> 11) & 1;
         g_has_avx512fp16 = (d >> 23) & 1;
-        __cpuid_count(7, 1, a, b, c, d);
-        g_has_avx512bf16 = (a >> 5) & 1;
+        if (a >= 1) {                              /* leaf 7 has a subleaf 1 */
+            __cpuid_count(7, 1, a, b, c, d);
+            g_has_avx512bf16 = (a >> 5) & 1;
+        }
     }
 #endif
     if (g_has_avx2 && g_has_fma && g_has_f16c && g_os_ymm) g_isa_best = QG_ISA_AVX2;
