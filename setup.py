@@ -1,7 +1,7 @@
 """Build of the optional C extension glmkit.kernels._qgemm (everything else is in pyproject.toml).
 
-The extension is compiled for baseline x86-64 (no -march=native); its AVX2/FMA/F16C code is selected at run
-time. If it cannot be built (no compiler, odd platform), the package installs without it and glmkit falls
+The extension is compiled for baseline x86-64 (no -march=native); its AVX2/FMA/F16C and AVX-512 code is selected
+at run time (function / file target attributes, cpuid + xgetbv). If it cannot be built (no compiler, odd platform), the package installs without it and glmkit falls
 back to its pure PyTorch path (glmkit.kernels.available() is then False, with the reason).
 """
 import os
@@ -41,8 +41,10 @@ def _ext():
     else:
         args = ["-O3", "-std=c11", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"]
         link = ["-pthread"]
-    return [Extension("glmkit.kernels._qgemm", ["glmkit/kernels/qgemm.c", "glmkit/kernels/decode_ops.c"],
-                      depends=["glmkit/kernels/qgemm_internal.h"], extra_compile_args=args, extra_link_args=link)]
+    src = ["qgemm.c", "decode_ops.c", "qgemm_vnni.c", "qgemm_vnni_emu.c", "fgemm.c", "fgemm_avx2.c", "fgemm_avx512.c"]
+    return [Extension("glmkit.kernels._qgemm", [f"glmkit/kernels/{f}" for f in src],
+                      depends=[f"glmkit/kernels/{f}" for f in ("qgemm_internal.h", "qgemm_vnni.inc", "fgemm_kern.inc")],
+                      extra_compile_args=args, extra_link_args=link)]
 
 
 setup(ext_modules=_ext(), cmdclass={"build_ext": OptionalBuildExt})

@@ -125,8 +125,7 @@ def child_glmkit(folder: str, dtype: str, threads: int, n_prompt: int, n_gen: in
 
     set_threads(threads)                          # PyTorch and the kernels, as --threads does
     model, _ = load_model(folder, dtype=None if dtype == "auto" else dtype)
-    if model.config.quantization:
-        prepare_model(model)
+    prepare_model(model)                          # as glmkit.load(): quantized and bf16 layers onto the kernels
     eng = Engine(model, max_seq=ctx,              # the Pipeline's engine: one slot
                  kv_dtype=None if kv_cache == "auto" else kv_cache)
     ids = prompt_ids(n_prompt, model.config.vocab_size, chatglm6b=model.config.family == "chatglm")
@@ -488,7 +487,9 @@ def report(args, engines, results, bws, cpu):
           f"prefill_int4_vs_q4_0={ratio('glmkit-int4', 'llama-q4_0', 'prefill_tps') if base else 'nan'} "
           f"roofline_int4={roof4 / 100:.3f} rss_int4_gb={rss4:.2f} "
           f"decode_glm6b_int4_vs_chatglmcpp_q4_0={glm6b} decode_glm4_int4_vs_q4_0={glm4} "
-          f"decode_32k_int4_vs_q4_0={long32}")
+          f"decode_32k_int4_vs_q4_0={long32} "
+          f"decode_f16_vs_f16={ratio('glmkit-bf16', 'llama-f16', 'decode_tps') if base else 'nan'} "
+          f"prefill_f16_vs_f16={ratio('glmkit-bf16', 'llama-f16', 'prefill_tps') if base else 'nan'}")
 
 
 if __name__ == "__main__":

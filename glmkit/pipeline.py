@@ -612,9 +612,8 @@ def load(path=None, dtype=None, device: str = "cpu", *, family: Optional[str] = 
         from .adapters import load_adapter
         adapter = Path(adapter).expanduser()
         ptuning = load_adapter(model, adapter, info.layout)
-    if model.config.quantization:
-        from .quant import prepare_model
-        prepare_model(model)          # pack weights for the fast CPU kernels (no-op where they cannot run)
+    from .quant import prepare_model
+    prepare_model(model)              # the fast CPU kernels: quantized layers, fp16 / bf16 ones (no-op elsewhere)
     tok = load_tokenizer(path, model.config.family)
     if model.config.family == "glm":
         _sync_glm_ids(model.config, tok)

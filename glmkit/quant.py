@@ -453,13 +453,17 @@ def quantize_model(model: nn.Module, spec="int4", progress: Optional[Callable[[s
 
 
 def prepare_model(model: nn.Module, own_threads: bool = True) -> int:
-    """Pack every QuantLinear for the fast path (once, after loading). Returns how many use it.
+    """Pack every QuantLinear for the fast path (once, after loading), and put the fp16 / bf16 Linear layers of
+    a float model on the kernels too (float_kernels.prepare_float: weights stay 16-bit, activations become
+    fp32). Returns how many layers use the kernels.
 
     own_threads: when the kernels run, PyTorch's own intra-op pool is cut to 1 thread. Its OpenMP workers
     spin-wait after every op (norms, rotary, attention between the matrix multiplies) and steal the cores the
     kernels' threads need: ChatGLM3-6B INT4 on 2 cores decoded at 2.9 tok/s with 2 PyTorch threads and 6.6 with
     1. The kernels keep their own thread count (--threads / kernels.set_num_threads, default: all cores)."""
+    from .float_kernels import prepare_float
     n = sum(1 for m in model.modules() if isinstance(m, QuantLinear) and m.prepare())
+    n += prepare_float(model)
     if n and own_threads:
         from . import kernels
         if torch.get_num_threads() > 1:

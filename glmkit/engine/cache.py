@@ -56,7 +56,8 @@ class KVCache:
     def for_model(cls, model, slots: int, max_seq: int, dtype: Optional[torch.dtype] = None,
                   prefix: Optional[torch.Tensor] = None) -> "KVCache":
         """A cache for `model` (max_seq <= its max_seq_len), with P-tuning's prefix keys/values [layers, 2, G,
-        P, D] when given. Quantized models compute in fp32 on CPU; their cache is fp16 (half the memory: 58 MB
+        P, D] when given. Quantized models (and fp16 / bf16 ones on the CPU kernels, float_kernels.py) compute in fp32 on CPU;
+        their cache is fp16 (half the memory: 58 MB
         instead of 117 MB per 2048 positions of ChatGLM3-6B; F16C converts it back fast). Other models keep
         their activation dtype."""
         cfg = model.config
@@ -65,7 +66,9 @@ class KVCache:
         if slots < 1 or max_seq < 2:
             raise ValueError(f"a cache needs at least 1 slot and 2 positions, got {slots} x {max_seq}")
         if dtype is None:
-            dtype = torch.float16 if cfg.quantization and model.dtype == torch.float32 else model.dtype
+            from ..float_kernels import uses_float_kernels
+            kernels = cfg.quantization or uses_float_kernels(model)       # 16-bit matrices in the CPU kernels
+            dtype = torch.float16 if kernels and model.dtype == torch.float32 else model.dtype
         elif isinstance(dtype, str):
             names = {"int8": torch.int8, "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                      "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}

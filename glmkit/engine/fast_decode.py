@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..float_kernels import FloatLinear
 from ..model import GLM
 from ..quant import QuantLinear
 from .cache import KVCache
@@ -50,8 +51,9 @@ def _layout(cfg) -> Optional[str]:
 
 
 def kernel_layer(mod) -> bool:
-    """A linear layer whose matrix multiply the kernels run (a QuantLinear packed for them; packs it)."""
-    return type(mod) is QuantLinear and mod.prepare()
+    """A linear layer whose matrix multiply the kernels run (a QuantLinear, or a FloatLinear of fp16/bf16
+    weights, packed for them; packs it)."""
+    return type(mod) in (QuantLinear, FloatLinear) and mod.prepare()
 
 
 def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
@@ -65,7 +67,7 @@ def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
         return f"kernels unavailable: {kernels.reason()}"
     cfg = model.config
     if model.device.type != "cpu" or model.dtype != torch.float32:
-        return "needs fp32 activations on CPU (a quantized model)"
+        return "needs fp32 activations on CPU (a quantized model, or a float one on the kernels)"
     if _layout(cfg) is None:
         return ("needs the ChatGLM2/3 / GLM-4 layout (RMSNorm, SwiGLU, [q | k | v]) or ChatGLM-6B's (LayerNorm "
                 "with the alpha residual, GELU, per-head qkv, 2D rotary)")
@@ -73,7 +75,7 @@ def why_not(model: GLM, cache: Optional[KVCache] = None) -> Optional[str]:
         for name, mod in (("attn.qkv", layer.attn.qkv), ("attn.out", layer.attn.out), ("mlp.up", layer.mlp.up),
                           ("mlp.down", layer.mlp.down)):
             if not kernel_layer(mod):
-                return f"layers.{i}.{name} is not a quantized layer on the kernels' path"
+                return f"layers.{i}.{name} is not a quantized or fp16/bf16 layer on the kernels' path"
     if cache is not None and (cache.dtype not in (torch.float16, torch.int8)
                               or not all(t.is_contiguous() for t in cache.k + cache.v)
                               or cache.k[0].device.type != "cpu"):

@@ -73,13 +73,13 @@
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(QG_FORCE_PORTABLE)
 #define QG_X86 1
 #include <immintrin.h>
+#include <cpuid.h>
 #define QG_TARGET __attribute__((target("avx2,fma,f16c")))
 #define QG_INLINE static inline __attribute__((always_inline))
 #else
 #define QG_X86 0
 #endif
 
-#define QG_MAX_THREADS 256
 
 /* ================================================================================================= */
 /* fp16 -> fp32 (portable)                                                                             */
@@ -107,7 +107,13 @@ float qg_half_to_float(uint16_t h) {
 /* CPU features                                                                                        */
 /* ================================================================================================= */
 static int g_has_avx2 = 0, g_has_fma = 0, g_has_f16c = 0;
-static int g_use_avx2 = 0;            /* implementation in use: 1 = AVX2, 0 = portable scalar */
+static int g_has_avx512f = 0, g_has_avx512bw = 0, g_has_avx512vl = 0, g_has_vnni = 0, g_has_avx512bf16 = 0,
+           g_has_avx512fp16 = 0, g_os_ymm = 0, g_os_zmm = 0;
+static int g_isa_best = QG_ISA_SCALAR;  /* the best variant this CPU + OS can run */
+static int g_isa_cap = QG_ISA_SCALAR;   /* ... capped by GLMKIT_KERNEL_ISA ('auto' goes back to it) */
+static int g_isa = QG_ISA_SCALAR;       /* the variant in use (set_impl for tests) */
+static int g_use_avx2 = 0;            /* g_isa >= AVX2: the AVX2 code of the non-GEMM ops (decode_ops.c) */
+static char g_isa_env_error[160] = "";
 
 /* tuning knobs (see _tune()) */
 static long g_pf = 1536;              /* software prefetch distance in bytes (0: none) */
@@ -115,19 +121,60 @@ static long g_chunk_bytes = 32 << 10; /* weight bytes per work item */
 static int g_hugepage = 1;           /* madvise(MADV_HUGEPAGE) the packed buffer in repack */
 static int g_steal = 1;               /* 1: each thread owns a contiguous share and steals at the end; 0: shared queue */
 
+static const char *isa_name(int isa) {
+    return isa == QG_ISA_AVX512 ? "avx512" : isa == QG_ISA_AVX512_EMU ? "avx512-emulated"
+         : isa == QG_ISA_AVX2 ? "avx2" : "scalar";
+}
+
+/* cpuid for the instructions, XCR0 (xgetbv) for the OS saving the registers: AVX needs the SSE + AVX state
+ * (bits 1, 2), AVX-512 also the opmask and both halves of the zmm state (bits 5, 6, 7) */
 static void detect_cpu(void) {
 #if QG_X86
-    __builtin_cpu_init();
-    g_has_avx2 = __builtin_cpu_supports("avx2") != 0;
-    g_has_fma = __builtin_cpu_supports("fma") != 0;
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11)
-    g_has_f16c = __builtin_cpu_supports("f16c") != 0;
-#else
-    g_has_f16c = g_has_avx2;           /* every AVX2 CPU has F16C */
+    unsigned a, b, c, d;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        g_has_fma = (c >> 12) & 1;
+        g_has_f16c = (c >> 29) & 1;
+        if ((c >> 27) & 1) {                       /* OSXSAVE: xgetbv is usable */
+            unsigned lo, hi;
+            __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            g_os_ymm = (lo & 0x6) == 0x6;
+            g_os_zmm = (lo & 0xe6) == 0xe6;
+        }
+    }
+    if (__get_cpuid_max(0, NULL) >= 7) {
+        __cpuid_count(7, 0, a, b, c, d);
+        g_has_avx2 = (b >> 5) & 1;
+        g_has_avx512f = (b >> 16) & 1;
+        g_has_avx512bw = (b >> 30) & 1;
+        g_has_avx512vl = (b >> 31) & 1;
+        g_has_vnni = (c >> 11) & 1;
+        g_has_avx512fp16 = (d >> 23) & 1;
+        if (a >= 1) {                              /* leaf 7 has a subleaf 1 */
+            __cpuid_count(7, 1, a, b, c, d);
+            g_has_avx512bf16 = (a >> 5) & 1;
+        }
+    }
 #endif
-#endif
-    g_use_avx2 = g_has_avx2 && g_has_fma && g_has_f16c;
+    if (g_has_avx2 && g_has_fma && g_has_f16c && g_os_ymm) g_isa_best = QG_ISA_AVX2;
+    if (g_isa_best == QG_ISA_AVX2 && g_has_avx512f && g_has_avx512bw && g_has_avx512vl && g_has_vnni && g_os_zmm)
+        g_isa_best = QG_ISA_AVX512;
+    g_isa_cap = g_isa_best;
+    const char *e = getenv("GLMKIT_KERNEL_ISA");  /* a cap: never above what the machine can run */
+    if (e && *e && strcmp(e, "auto")) {
+        const int want = !strcmp(e, "avx512") ? QG_ISA_AVX512 : !strcmp(e, "avx2") ? QG_ISA_AVX2
+                       : !strcmp(e, "scalar") ? QG_ISA_SCALAR : -1;
+        if (want < 0)
+            snprintf(g_isa_env_error, sizeof g_isa_env_error, "GLMKIT_KERNEL_ISA=%.40s is not one of "
+                     "auto, avx512, avx2, scalar", e);
+        else if (want < g_isa_cap)
+            g_isa_cap = want;
+    }
+    g_isa = g_isa_cap;
+    g_use_avx2 = g_isa >= QG_ISA_AVX2;
 }
+
+int qg_isa(void) { return g_isa; }
+long qg_prefetch_bytes(void) { return g_pf; }
 
 static double now_s(void) {
     struct timespec t;
@@ -287,11 +334,6 @@ static int default_threads(void) {
 /* ================================================================================================= */
 /* Scratch: quantized activations                                                                      */
 /* ================================================================================================= */
-typedef struct {
-    int8_t *q;        /* [M][K] */
-    float *d;         /* [M][NB] scale */
-    int32_t *s;       /* [M][NB] 8 * sum(q) (q4 offset correction) */
-} xquant;
 
 static void *g_scratch = NULL;
 static size_t g_scratch_n = 0;
@@ -340,20 +382,6 @@ static void quantize_x_scalar(const float *x, int M, int K, xquant *xq) {
 /* ================================================================================================= */
 /* GEMM job                                                                                            */
 /* ================================================================================================= */
-typedef struct {
-    int kind;                 /* 4 or 8 */
-    const uint8_t *wq;        /* packed quant area */
-    const uint16_t *ws;       /* packed scale area */
-    const float *bias;        /* or NULL */
-    float *y;
-    int M, N, K, group;
-    int NB, NG, P;
-    xquant xq;
-    int chunk;                /* panels per work item */
-    int nchunks;
-    int nth;
-    struct { _Atomic int next; int end; char pad[56]; } q[QG_MAX_THREADS];   /* per-thread chunk queues */
-} gemm_job;
 
 /* ---------------- portable scalar panel kernel (reference semantics for the AVX2 one) ------------ */
 static void panel_scalar(const gemm_job *J, int p) {
@@ -689,6 +717,14 @@ static void gemm_task(void *ctx, int tid, int nth) {
         const int p0 = c * J->chunk;
         const int p1 = p0 + J->chunk < J->P ? p0 + J->chunk : J->P;
 #if QG_X86
+        if (g_isa == QG_ISA_AVX512) {
+            for (int p = p0; p < p1; p++) qg_qpanel_vnni(J, p);
+            continue;
+        }
+        if (g_isa == QG_ISA_AVX512_EMU) {
+            for (int p = p0; p < p1; p++) qg_qpanel_vnni_emu(J, p);
+            continue;
+        }
         if (g_use_avx2) {
             for (int p = p0; p < p1; p++) panel_avx2(J, p);
             continue;
@@ -701,9 +737,18 @@ static void gemm_task(void *ctx, int tid, int nth) {
 /* ================================================================================================= */
 /* Layout helpers                                                                                      */
 /* ================================================================================================= */
+static int is_float_kind(long long kind) { return kind == QG_KIND_F16 || kind == QG_KIND_BF16; }
+
 static int check_shape(int kind, long long N, long long K, long long group, char *err, size_t errn) {
+    if (is_float_kind(kind)) {
+        if (N < 1 || K < 1 || N > (1LL << 30) || K > (1LL << 30)) {
+            snprintf(err, errn, "bad shape N=%lld K=%lld (need 1 <= N, K <= 2^30)", N, K);
+            return -1;
+        }
+        return 0;
+    }
     if (kind != 4 && kind != 8) {
-        snprintf(err, errn, "kind must be 4 or 8, not %d", kind);
+        snprintf(err, errn, "kind must be 4, 8, 16 (fp16) or 17 (bf16), not %d", kind);
         return -1;
     }
     if (N < 1 || K < 32 || group < 32 || group % 32 || K % group) {
@@ -719,11 +764,13 @@ static int check_shape(int kind, long long N, long long K, long long group, char
 }
 
 static size_t quant_area(int kind, long long N, long long K) {
+    if (is_float_kind(kind)) return qg_fpacked_bytes(N, K);        /* no scale area */
     const long long P = (N + 7) / 8;
     return (size_t)P * 8 * (size_t)(kind == 4 ? K / 2 : K);
 }
 
 static size_t packed_bytes(int kind, long long N, long long K, long long group) {
+    if (is_float_kind(kind)) return qg_fpacked_bytes(N, K);
     const long long P = (N + 7) / 8;
     return quant_area(kind, N, K) + (size_t)P * 8 * (size_t)(K / group) * 2;
 }
@@ -881,6 +928,14 @@ static PyObject *py_gemm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
 
     int fail = 0;
+    if (is_float_kind(kind)) {
+        Py_BEGIN_ALLOW_THREADS
+        fail = qg_fgemm((int)kind, (const float *)x, (const uint16_t *)wq, (const float *)bias, (float *)y, (int)M,
+                        (int)N, (int)K);
+        Py_END_ALLOW_THREADS
+        if (fail) return PyErr_NoMemory();
+        Py_RETURN_NONE;
+    }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&g_call_mu);
     const int NB = (int)(K / 32);
@@ -959,7 +1014,7 @@ static PyObject *py_repack(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, err);
         return NULL;
     }
-    if (!qw || !sc || !out) {
+    if (!qw || !out || (!sc && !is_float_kind(kind))) {
         PyErr_SetString(PyExc_ValueError, "null pointer");
         return NULL;
     }
@@ -972,10 +1027,14 @@ static PyObject *py_repack(PyObject *self, PyObject *const *args, Py_ssize_t nar
         if (e > a && g_hugepage) madvise((void *)a, e - a, MADV_HUGEPAGE);
     }
 #endif
-    pthread_mutex_lock(&g_call_mu);
-    ensure_pool();
-    pool_run(repack_task, &R, P.nthreads);
-    pthread_mutex_unlock(&g_call_mu);
+    if (is_float_kind(kind)) {
+        qg_frepack((const uint16_t *)qw, (uint16_t *)out, N, K);
+    } else {
+        pthread_mutex_lock(&g_call_mu);
+        ensure_pool();
+        pool_run(repack_task, &R, P.nthreads);
+        pthread_mutex_unlock(&g_call_mu);
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1047,21 +1106,30 @@ static PyObject *py_set_impl(PyObject *self, PyObject *arg) {
     const char *s = PyUnicode_AsUTF8(arg);
     if (!s) return NULL;
     int want;
-    if (!strcmp(s, "scalar")) {
-        want = 0;
-    } else if (!strcmp(s, "avx2") || !strcmp(s, "auto")) {
-        want = g_has_avx2 && g_has_fma && g_has_f16c;
-        if (!want && !strcmp(s, "avx2")) {
-            PyErr_SetString(PyExc_RuntimeError, "this CPU lacks AVX2/FMA/F16C");
+    if (!strcmp(s, "auto")) {
+        want = g_isa_cap;
+    } else if (!strcmp(s, "scalar")) {
+        want = QG_ISA_SCALAR;
+    } else if (!strcmp(s, "avx2") || !strcmp(s, "avx512-emulated")) {
+        if (g_isa_best < QG_ISA_AVX2) {
+            PyErr_SetString(PyExc_RuntimeError, "this CPU (or OS) lacks AVX2/FMA/F16C");
             return NULL;
         }
+        want = !strcmp(s, "avx2") ? QG_ISA_AVX2 : QG_ISA_AVX512_EMU;
+    } else if (!strcmp(s, "avx512")) {
+        if (g_isa_best < QG_ISA_AVX512) {
+            PyErr_SetString(PyExc_RuntimeError, "this CPU (or OS) lacks AVX-512 F/BW/VL/VNNI");
+            return NULL;
+        }
+        want = QG_ISA_AVX512;
     } else {
-        PyErr_SetString(PyExc_ValueError, "impl must be 'avx2', 'scalar' or 'auto'");
+        PyErr_SetString(PyExc_ValueError, "impl must be 'auto', 'avx512', 'avx2', 'scalar' or 'avx512-emulated'");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&g_call_mu);
-    g_use_avx2 = want;
+    g_isa = want;
+    g_use_avx2 = want >= QG_ISA_AVX2;
     pthread_mutex_unlock(&g_call_mu);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -1086,10 +1154,16 @@ static PyObject *py_tune(PyObject *self, PyObject *args) {
 static PyObject *py_cpu_features(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:s,s:i}", "x86_64", QG_X86 ? Py_True : Py_False,
-                         "avx2", g_has_avx2 ? Py_True : Py_False, "fma", g_has_fma ? Py_True : Py_False,
-                         "f16c", g_has_f16c ? Py_True : Py_False, "impl", g_use_avx2 ? "avx2" : "scalar",
-                         "prefetch", (int)g_pf);
+#define QG_B(v) ((v) ? Py_True : Py_False)
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:s,s:i,s:s,s:s,s:s,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s}",
+                         "x86_64", QG_B(QG_X86), "avx2", QG_B(g_has_avx2), "fma", QG_B(g_has_fma),
+                         "f16c", QG_B(g_has_f16c), "impl", g_use_avx2 ? "avx2" : "scalar", "prefetch", (int)g_pf,
+                         "isa", isa_name(g_isa), "isa_best", isa_name(g_isa_best), "isa_cap", isa_name(g_isa_cap),
+                         "avx512f", QG_B(g_has_avx512f), "avx512bw", QG_B(g_has_avx512bw),
+                         "avx512vl", QG_B(g_has_avx512vl), "avx512vnni", QG_B(g_has_vnni),
+                         "avx512bf16", QG_B(g_has_avx512bf16), "avx512fp16", QG_B(g_has_avx512fp16),
+                         "os_ymm", QG_B(g_os_ymm), "os_zmm", QG_B(g_os_zmm), "isa_env_error", g_isa_env_error);
+#undef QG_B
 }
 
 PyDoc_STRVAR(stream_read_doc,
