@@ -25,7 +25,7 @@ from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
 from ..pipeline import AnswerText, Pipeline, logprob_entry, usage_of
 from ..sampling import SamplingParams
-from . import kb_routes, schemas
+from . import kb_routes, schemas, structured
 from .metrics import Metrics
 from .schemas import APIError
 
@@ -354,6 +354,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             fc = r.function_call
             tool_choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
         messages = kbc.messages if kbc else [m.model_dump(exclude_none=True) for m in r.messages]
+        structured.validate_tools(tools, tool_choice)
         try:
             if settings.trim_history:               # as the Pipeline: drop the oldest turns that do not fit
                 prompt = render_within(fmt, messages, pipe.prompt_budget(params), tools=tools,
@@ -366,10 +367,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             code = "context_length_exceeded" if "context window" in msg else "invalid_value"
             raise APIError(400, msg, param=param, code=code) from None
         check_length(len(prompt.ids))
-        try:
-            constraint = pipe.constraint_for(r.response_format, prompt, params)
-        except ValueError as e:
-            raise APIError(400, str(e), param="response_format", code="invalid_value") from None
+        constraint = structured.chat_constraint(pipe, r, prompt, params, tool_choice)
         k = (r.top_logprobs or 0) if r.logprobs else None
         ereq, q = submit(prompt.ids, params, constraint, k, adapter)
         ans = AnswerText(tok, prompt, params.stop)
@@ -435,7 +433,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             prompt_text = tok.decode(ids)
         check_length(len(ids), "prompt")
         k = r.logprobs
-        ereq, q = submit(ids, params, None, k, adapter)
+        ereq, q = submit(ids, params, structured.completion_constraint(pipe, r, params), k, adapter)
         ans = AnswerText(tok, Prompt(ids=ids), params.stop, raw=True)
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))
