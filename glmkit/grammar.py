@@ -40,8 +40,10 @@ class ConstraintError(RuntimeError):
 WHITESPACE = r"[\x20\x0A]{0,2}"
 # JSON escapes whose meaning Python literals share (ChatGLM3 calls are read back with ast: "\/" would differ)
 ESCAPES = "\"\\bfnrtu"
-CLOSERS = b'"}])'
 MAX_PARALLEL_CALLS = 4
+# closing: one-character tokens tried (in runs of up to LOOKAHEAD) to finish a string a format or pattern holds
+CLOSING_ALPHABET = [bytes([c]) for c in b"a0@.-:T1Z+_xA"]
+LOOKAHEAD = 4
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -111,9 +113,11 @@ class _Vocab:
                                             eos_token=list(stop_ids))
         self.vocab = len(raw)
         self.quote = [self.by_bytes[b'"']] if b'"' in self.by_bytes else []
-        # for closing (GrammarConstraint._closing): ids made only of closing characters, ids that open nothing
-        self.closer_mask = np.array([len(t) > 0 and t[0] != 0xFF and not t.strip(CLOSERS) for t in self.tokens])
-        self.safe_mask = np.array([t[:1] != b"\xff" and not any(c in t for c in b"{[,") for t in self.tokens])
+        self.brackets = [self.by_bytes[c] for c in (b"}", b"]", b")") if c in self.by_bytes]
+        self.alphabet = [self.by_bytes[c] for c in CLOSING_ALPHABET if c in self.by_bytes]
+        # for closing (GrammarConstraint._closing): ids that open nothing and are not blank
+        self.safe_mask = np.array([t[:1] != b"\xff" and bool(t.strip()) and not any(c in t for c in b"{[,")
+                                   for t in self.tokens])
 
     def __call__(self, s) -> list[int]:
         s = s.encode("utf-8") if isinstance(s, str) else bytes(s)
@@ -361,17 +365,34 @@ class GrammarConstraint:
         return mask
 
     def _closing(self, mask):
-        """Of the allowed ids: a stop id, else the closers, else the ids that open nothing, else all."""
-        first = [i for i in self.stop_ids + self.voc.quote if i < len(mask) and mask[i]]
+        """Of the allowed ids: a stop id or a quote, else a lone closing brace/bracket, else the first step of
+        the shortest run of one-character tokens (LOOKAHEAD deep) after which one of those is allowed (an
+        e-mail, a date, a pattern still to finish), else the ids that open nothing and are not blank."""
+        first = [i for i in self.stop_ids + self.voc.quote + self.voc.brackets if i < len(mask) and mask[i]]
+        if not first:
+            step = self._lookahead(mask)
+            first = [step] if step is not None else []
         if first:
             out = np.zeros_like(mask)
             out[first[0]] = True
             return out
-        for pref in (self.voc.closer_mask, self.voc.safe_mask):
-            sub = mask & pref
-            if sub.any():
-                return sub
-        return mask
+        sub = mask & self.voc.safe_mask
+        return sub if sub.any() else mask
+
+    def _lookahead(self, mask) -> Optional[int]:
+        targets = self.stop_ids + self.voc.quote + self.voc.brackets
+        alphabet = [i for i in self.voc.alphabet if mask[i]]
+        frontier = [[i] for i in alphabet]
+        m = self.matcher
+        for _ in range(LOOKAHEAD):
+            nxt = []
+            for seq in frontier:
+                for t in targets:
+                    if m.validate_tokens(seq + [t]) == len(seq) + 1:
+                        return seq[0]
+                nxt += [seq + [a] for a in self.voc.alphabet if m.validate_tokens(seq + [a]) == len(seq) + 1]
+            frontier = nxt[:64]
+        return None
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab of the tokenizer]: the ids allowed next."""
