@@ -115,9 +115,9 @@ class _Vocab:
         self.quote = [self.by_bytes[b'"']] if b'"' in self.by_bytes else []
         self.brackets = [self.by_bytes[c] for c in (b"}", b"]", b")") if c in self.by_bytes]
         self.alphabet = [self.by_bytes[c] for c in CLOSING_ALPHABET if c in self.by_bytes]
-        # for closing (GrammarConstraint._closing): ids that open nothing and are not blank
-        self.safe_mask = np.array([t[:1] != b"\xff" and bool(t.strip()) and not any(c in t for c in b"{[,")
-                                   for t in self.tokens])
+        # for closing (GrammarConstraint._closing): ids without whitespace; those that also open no container
+        self.tight_mask = np.array([t[:1] != b"\xff" and not any(c in t for c in b" \n\r\t") for t in self.tokens])
+        self.safe_mask = self.tight_mask & np.array([not any(c in t for c in b"{[") for t in self.tokens])
 
     def __call__(self, s) -> list[int]:
         s = s.encode("utf-8") if isinstance(s, str) else bytes(s)
@@ -365,10 +365,15 @@ class GrammarConstraint:
         return mask
 
     def _closing(self, mask):
-        """Of the allowed ids: a stop id or a quote, else a lone closing brace/bracket, else the first step of
+        """Of the allowed ids: a stop id, a quote that closes a string, a lone closing brace/bracket, a quote
+        that opens a string (an empty one follows), else the first step of
         the shortest run of one-character tokens (LOOKAHEAD deep) after which one of those is allowed (an
-        e-mail, a date, a pattern still to finish), else the ids that open nothing and are not blank."""
-        first = [i for i in self.stop_ids + self.voc.quote + self.voc.brackets if i < len(mask) and mask[i]]
+        e-mail, a date, a pattern still to finish), else the ids that hold no whitespace and open no container, else
+        those without whitespace."""
+        q = [i for i in self.voc.quote if mask[i]]
+        opens = bool(q) and self.matcher.validate_tokens(q + q) == 2     # "": the quote opens a string
+        order = self.stop_ids + ([] if opens else q) + self.voc.brackets + q
+        first = [i for i in order if i < len(mask) and mask[i]]
         if not first:
             step = self._lookahead(mask)
             first = [step] if step is not None else []
@@ -376,8 +381,11 @@ class GrammarConstraint:
             out = np.zeros_like(mask)
             out[first[0]] = True
             return out
-        sub = mask & self.voc.safe_mask
-        return sub if sub.any() else mask
+        for pref in (self.voc.safe_mask, self.voc.tight_mask):
+            sub = mask & pref
+            if sub.any():
+                return sub
+        return mask
 
     def _lookahead(self, mask) -> Optional[int]:
         targets = self.stop_ids + self.voc.quote + self.voc.brackets
