@@ -42,8 +42,8 @@ WHITESPACE = r"[\x20\x0A]{0,2}"
 ESCAPES = "\"\\bfnrtu"
 MAX_PARALLEL_CALLS = 4
 # closing: one-character tokens tried (in runs of up to LOOKAHEAD) to finish a string a format or pattern holds
-CLOSING_ALPHABET = [bytes([c]) for c in b"a0@.-:T1Z+_xA"]
-LOOKAHEAD = 4
+CLOSING_ALPHABET = [bytes([c]) for c in b"@.a0:-TZ1+_xA"]
+LOOKAHEAD = 6
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -365,17 +365,21 @@ class GrammarConstraint:
         return mask
 
     def _closing(self, mask):
-        """Of the allowed ids: a stop id, a quote that closes a string, a lone closing brace/bracket, a quote
-        that opens a string (an empty one follows), else the first step of
-        the shortest run of one-character tokens (LOOKAHEAD deep) after which one of those is allowed (an
-        e-mail, a date, a pattern still to finish), else the ids that hold no whitespace and open no container, else
+        """Of the allowed ids: a stop id, a quote that closes a string, else the first step of the shortest run
+        of one-character tokens (LOOKAHEAD deep) after which a quote is allowed (an e-mail, a date, a pattern
+        still to finish), else a lone closing brace/bracket or a quote that opens a string (an empty one
+        follows), else the first step of such a run towards one of those, else the ids that hold no whitespace and open no container, else
         those without whitespace."""
         q = [i for i in self.voc.quote if mask[i]]
         opens = bool(q) and self.matcher.validate_tokens(q + q) == 2     # "": the quote opens a string
-        order = self.stop_ids + ([] if opens else q) + self.voc.brackets + q
-        first = [i for i in order if i < len(mask) and mask[i]]
+        first = [i for i in self.stop_ids + ([] if opens else q) if i < len(mask) and mask[i]]
+        if not first and self.voc.quote:                 # a string whose format or pattern is still open
+            step = self._lookahead(mask, self.voc.quote)
+            first = [step] if step is not None else []
         if not first:
-            step = self._lookahead(mask)
+            first = [i for i in self.voc.brackets + q if mask[i]]
+        if not first:
+            step = self._lookahead(mask, self.stop_ids + self.voc.quote + self.voc.brackets)
             first = [step] if step is not None else []
         if first:
             out = np.zeros_like(mask)
@@ -387,8 +391,7 @@ class GrammarConstraint:
                 return sub
         return mask
 
-    def _lookahead(self, mask) -> Optional[int]:
-        targets = self.stop_ids + self.voc.quote + self.voc.brackets
+    def _lookahead(self, mask, targets) -> Optional[int]:
         alphabet = [i for i in self.voc.alphabet if mask[i]]
         frontier = [[i] for i in alphabet]
         m = self.matcher
@@ -399,7 +402,7 @@ class GrammarConstraint:
                     if m.validate_tokens(seq + [t]) == len(seq) + 1:
                         return seq[0]
                 nxt += [seq + [a] for a in self.voc.alphabet if m.validate_tokens(seq + [a]) == len(seq) + 1]
-            frontier = nxt[:64]
+            frontier = nxt[:96]
         return None
 
     def allowed(self) -> torch.Tensor:

@@ -26,16 +26,13 @@ SCHEMAS = json.loads((ROOT / "benchmarks" / "data" / "json_schemas.json").read_t
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 ASK = [{"role": "user", "content": "按要求输出JSON"}]
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
-                                         "unit": {"enum": ["celsius", "fahrenheit"]},
-                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}},
         "required": ["city", "unit"]}}},
     {"type": "function", "function": {"name": "book", "parameters": {
-        "type": "object", "properties": {"date": {"type": "string", "format": "date"},
-                                         "seats": {"type": "integer", "minimum": 1, "maximum": 4},
-                                         "vip": {"type": "boolean"}},
-        "required": ["date", "seats", "vip"], "additionalProperties": False}}}]
+        "type": "object", "properties": {"date": {"type": "string", "format": "date"}, "vip": {"type": "boolean"}},
+        "required": ["date", "vip"], "additionalProperties": False}}}]
+TOOL_ASK = [{"role": "system", "content": "工具："}, {"role": "user", "content": "订票"}]
 
 
 def format_checker():
@@ -80,9 +77,21 @@ def _glm4(tmp_path_factory):
     return out
 
 
+def _chatglm3(tmp_path_factory):
+    """The reference ChatGLM3 with room for a tools block: its 256 positions, made 2048 (rotary is computed)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("chatglm3structured") / "chatglm3-6b"
+    shutil.copytree(REF / "chatglm3-6b", out, ignore=shutil.ignore_patterns("expected_*"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["seq_length"] = 2048
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
 @pytest.fixture(scope="module", params=["chatglm3", "glm4"])
 def server(request, tmp_path_factory):
-    path = REF / "chatglm3-6b" if request.param == "chatglm3" else _glm4(tmp_path_factory)
+    path = _chatglm3(tmp_path_factory) if request.param == "chatglm3" else _glm4(tmp_path_factory)
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as f:
@@ -90,7 +99,7 @@ def server(request, tmp_path_factory):
                                  "--parallel", "4", "--ctx", "2048"], env=ENV, stdout=f, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base, proc, seconds=120)
+        wait_healthy(base, proc, seconds=400)
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)
         yield request.param, base, client, path.name
     finally:
@@ -162,7 +171,7 @@ def test_tool_choice_required_calls_a_tool_under_its_schema(server):
     names = set()
     for seed in range(4):
         for stream in (False, True):
-            kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120,
+            kw = dict(model=model, messages=TOOL_ASK, tools=TOOLS, tool_choice="required", max_tokens=100,
                       temperature=1.0, seed=seed)
             if not stream:
                 ch = client.chat.completions.create(**kw).choices[0]
@@ -183,25 +192,25 @@ def test_tool_choice_required_calls_a_tool_under_its_schema(server):
             for call in calls:
                 _args_valid(call)
                 names.add(call.function.name)
-    assert names <= {"get_weather", "book"}
+    assert names <= {"weather", "book"}
 
 
 def test_parallel_tool_calls_false_gives_one_call(server):
     fam, base, client, model = server
     for seed in range(3):
-        r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           parallel_tool_calls=False, max_tokens=120, temperature=1.0, seed=seed)
+        r = client.chat.completions.create(model=model, messages=TOOL_ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=100, temperature=1.0, seed=seed)
         (call,) = r.choices[0].message.tool_calls
         _args_valid(call)
 
 
 def test_named_tool_choice_follows_the_tool_schema(server):
     fam, base, client, model = server
-    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=120, temperature=1.0,
+    r = client.chat.completions.create(model=model, messages=TOOL_ASK, tools=TOOLS, max_tokens=100, temperature=1.0,
                                        seed=2, tool_choice={"type": "function", "function": {"name": "book"}})
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "book"
-    assert set(_args_valid(call)) == {"date", "seats", "vip"}
+    assert set(_args_valid(call)) == {"date", "vip"}
 
 
 @pytest.mark.parametrize("params, needle", [
@@ -225,7 +234,7 @@ def test_invalid_tool_schema_is_a_400_naming_the_tool(server, params, needle):
                                                                        {"a": {"type": "string"}}},
                                              "strict": True}}, "additionalProperties"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(unclosed"}}},
-     "cannot be decoded"),
+     "(unclosed"),
     ({"type": "xml"}, "not supported"),
 ])
 def test_unusable_response_format_is_a_400(server, rf, needle):
