@@ -61,7 +61,11 @@ def glm4_like(out: Path, ranks: int = 8000) -> Path:
     if (out / "tokenizer.model").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    files = sorted(str(p) for p in (SHARED / "corpora").rglob("*") if p.suffix in (".txt", ".json", ".md"))[:400]
+    files, size = [], 0
+    for p in sorted((SHARED / "corpora").rglob("*")):
+        if p.suffix in (".txt", ".json", ".md") and size < 4 << 20:      # ~4 MB of text is enough for 8k ranks
+            files.append(str(p))
+            size += p.stat().st_size
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -130,9 +134,9 @@ class XGrammar:
     def mask(self, m):
         m.fill_next_token_bitmask(m._bits)
         mask = np.unpackbits(m._bits.numpy().view(np.uint8), bitorder="little")[:self.V].view(bool).copy()
-        mask[m._special] = False                      # specials never in text (stops allowed by the library)
-        for s in m._stops:
-            mask[s] = mask[s] or m.is_terminated()
+        stops = mask[list(m._stops)]                  # the library allows the stop ids once the JSON is complete
+        mask[m._special] = False                      # other specials never in text
+        mask[list(m._stops)] = stops
         return mask
 
     @staticmethod
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         toks = tokenizers(Path(tmp))
-        print(f"{len(schemas)} schemas x {args.seeds} seeds, at most {args.tokens} tokens each, random logits")
+        print(f"{len(schemas)} schemas x {args.seeds} seeds, at most {args.tokens} tokens each, random logits", flush=True)
         summary = {}
         for tname, tok in toks.items():
             stops = tuple(tok.chat_format.stop_ids)
