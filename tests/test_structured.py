@@ -155,7 +155,7 @@ def test_every_schema_parses_and_validates_streamed_and_not(server):
 def test_completions_take_a_schema(server):
     fam, base, client, model = server
     e = next(x for x in SCHEMAS if x["name"] == "strict_person")
-    r = client.completions.create(model=model, prompt="一个人的信息：", max_tokens=64, temperature=1.0, seed=1,
+    r = client.completions.create(model=model, prompt="一个人的信息：", max_tokens=128, temperature=1.0, seed=1,
                                   extra_body={"response_format": _schema_format(e, True)})
     assert r.choices[0].finish_reason == "stop"
     check(e["schema"], r.choices[0].text)
