@@ -553,8 +553,21 @@ def postprocess(fmt: ChatFormat, text: str) -> str:
     return ContentStream(fmt.punct_fullwidth).push(text, final=True)
 
 
+class _JsonNames(ast.NodeTransformer):
+    """JSON's true/false/null inside a call's values read as Python's True/False/None (a call decoded under a
+    tool's JSON Schema writes its values as JSON: glmkit/grammar.py)."""
+
+    NAMES = {"true": True, "false": False, "null": None}
+
+    def visit_Name(self, node):
+        if node.id in self.NAMES:
+            return ast.copy_location(ast.Constant(self.NAMES[node.id]), node)
+        return node
+
+
 def parse_chatglm3_call(body: str) -> Optional[dict]:
-    """```python\\ntool_call(a=1, b='x')\\n``` -> {"a": 1, "b": "x"}, with ast (literals only), never eval."""
+    """```python\\ntool_call(a=1, b='x')\\n``` -> {"a": 1, "b": "x"}, with ast (literals only; also JSON's
+    true/false/null), never eval."""
     code = body.strip()
     if "```" in code:
         parts = code.split("```")
@@ -574,7 +587,7 @@ def parse_chatglm3_call(body: str) -> Optional[dict]:
         if kw.arg is None:
             return None
         try:
-            out[kw.arg] = ast.literal_eval(kw.value)
+            out[kw.arg] = ast.literal_eval(_JsonNames().visit(kw.value))
         except (ValueError, SyntaxError, TypeError):
             return None
     return out

@@ -1,4 +1,7 @@
-"""Constrained decoding: only tokens that keep the answer a valid prefix of a JSON object (response_format
+"""(No longer on the decode path: structured outputs go through llguidance, glmkit/grammar.py. This hand-written
+grammar stays as the anchor of benchmarks/grammar.py, and tests/test_constrain.py holds it.)
+
+Constrained decoding: only tokens that keep the answer a valid prefix of a JSON object (response_format
 json_object) or of a ChatGLM3 tool call (a forced tool_choice) get a finite logit.
 
 Two layers.

@@ -361,32 +361,48 @@ class Pipeline:
         want = params.max_new_tokens or min(1024, self.ctx // 4)
         return self.ctx - min(want, self.ctx // 2)
 
-    def constraint_for(self, response_format, prompt: Prompt, params: SamplingParams):
-        """JSON mode (response_format {"type": "json_object"}) and forced tool calls decode under a grammar, so
-        the output parses whatever the model is -> a constraint for the engine, or None."""
-        kind = (response_format or {}).get("type", "text") if isinstance(response_format, dict) else None
-        if response_format is not None and kind not in ("text", "json_object"):
-            raise ValueError(f"response_format type {kind!r} is not supported (use 'text' or 'json_object')")
-        if kind != "json_object" and not prompt.forced_tool:
+    def constraint_for(self, response_format, prompt: Prompt, params: SamplingParams, tool_choice=None,
+                       parallel_tool_calls: Optional[bool] = None):
+        """Structured outputs (glmkit/grammar.py): a forced tool call (tool_choice naming a function, or
+        "required") under the tools' own parameter schemas, else response_format {"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"schema", "strict"}} -> a constraint for the engine, or None.
+        A schema that cannot be used raises grammar.GrammarError (a ValueError)."""
+        required = tool_choice == "required"
+        if response_format is None and not prompt.forced_tool and not (required and prompt.tools):
             return None
-        from . import constrain
-        budget, stops = params.max_new_tokens, self.chat_format.stop_ids
-        if prompt.forced_tool and self.chat_format.family == "chatglm3":
-            return constrain.chatglm3_call_constraint(self.tokenizer, stops, max_tokens=budget)
-        return constrain.json_object_constraint(self.tokenizer, stops, max_tokens=budget)
+        from . import grammar
+        return grammar.constraint_for(self.tokenizer, self.chat_format.stop_ids, response_format=response_format,
+                                      tools=prompt.tools, forced=prompt.forced_tool, required=required,
+                                      parallel=parallel_tool_calls, max_tokens=params.max_new_tokens)
+
+    @staticmethod
+    def _response_format(response_format, schema, json_mode: bool):
+        """Pipeline's shortcuts: schema=DICT (a JSON Schema) or json=True (any JSON object)."""
+        if schema is not None:
+            return {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}
+        if json_mode:
+            return {"type": "json_object"}
+        return response_format
 
     # --- chat --------------------------------------------------------------------------------------------
     def start_chat(self, messages, tools=None, tool_choice=None, response_format=None, logprobs: bool = False,
-                   top_logprobs: Optional[int] = None, allow_special: bool = False, **sampling) -> ChatRun:
-        """The answer as a ChatRun (iterate it for text pieces). response_format {"type": "json_object"}: the
-        answer is a JSON object; logprobs: .response.logprobs gets each token's logprob and its top_logprobs
-        most likely alternatives (OpenAI's entries), of the model's distribution before sampling settings.
-        Texts inside messages are encoded as text (special-token text in them stays text) unless
-        allow_special=True, which encodes them as the official code does."""
+                   top_logprobs: Optional[int] = None, schema: Optional[dict] = None, json: bool = False,
+                   parallel_tool_calls: Optional[bool] = None, allow_special: bool = False, **sampling) -> ChatRun:
+        """The answer as a ChatRun (iterate it for text pieces). schema=DICT: the answer is JSON valid under
+        that JSON Schema; json=True (or response_format {"type": "json_object"}): a JSON object; response_format
+        {"type": "json_schema", ...} as OpenAI's; tool_choice naming a function or "required": a call whose
+        arguments follow the tool's parameters schema. logprobs: .response.logprobs gets each token's logprob
+        and its top_logprobs most likely alternatives (OpenAI's entries), of the model's distribution before
+        sampling settings. Texts inside messages are encoded as text (special-token text in them stays text)
+        unless allow_special=True, which encodes them as the official code does."""
         params = self.sampling_params(**sampling)
+        if tools:
+            from .grammar import check_tools
+            check_tools(tools)
         prompt = render_within(self.chat_format, messages, self.prompt_budget(params), tools=tools,
                                tool_choice=tool_choice, allow_special=allow_special)
-        constraint = self.constraint_for(response_format, prompt, params)
+        constraint = self.constraint_for(self._response_format(response_format, schema, json), prompt, params,
+                                         tool_choice, parallel_tool_calls)
         return ChatRun(self, prompt, params, constraint=constraint,
                        logprobs=(top_logprobs or 0) if logprobs or top_logprobs else None)
 
@@ -401,13 +417,17 @@ class Pipeline:
         return iter(self.start_chat(messages, tools, tool_choice, **options))
 
     # --- raw completion ----------------------------------------------------------------------------------
-    def start_generate(self, prompt, logprobs: Optional[int] = None, **sampling) -> ChatRun:
-        """logprobs: None, or k >= 0 alternatives per token (.response.logprobs)."""
+    def start_generate(self, prompt, logprobs: Optional[int] = None, schema: Optional[dict] = None,
+                       json: bool = False, response_format=None, **sampling) -> ChatRun:
+        """logprobs: None, or k >= 0 alternatives per token (.response.logprobs); schema / json /
+        response_format: the continuation is JSON under the schema, as in start_chat."""
         params = self.sampling_params(**sampling)
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode_for_generation(prompt)
         if len(ids) >= self.ctx:
             raise ContextOverflow(f"prompt of {len(ids)} tokens does not fit the context window of {self.ctx}")
-        return ChatRun(self, Prompt(ids=ids), params, raw=True, logprobs=logprobs)
+        p = Prompt(ids=ids)
+        constraint = self.constraint_for(self._response_format(response_format, schema, json), p, params)
+        return ChatRun(self, p, params, raw=True, logprobs=logprobs, constraint=constraint)
 
     def generate(self, prompt, beams: int = 1, **sampling) -> str:
         """Continue raw text (the tokenizer's special tokens added as its encode() does) -> new text.

@@ -2,7 +2,7 @@
 through /v1/completions, and LangChain's ChatOpenAI, all through real clients over HTTP.
 
 The models are tiny and random, so a tool call only happens when the request forces it (tool_choice names a
-function): the server then decodes the arguments under a grammar (glmkit/constrain.py), which is what makes
+function): the server then decodes the arguments under a grammar (glmkit/grammar.py), which is what makes
 them parse. Unforced calls are parsed by the same ResponseParser (tests/test_chat_format.py, test_glm4.py)."""
 from __future__ import annotations
 

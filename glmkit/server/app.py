@@ -26,7 +26,7 @@ from ..chat_format import ChatFormatError, Prompt, render_within
 from ..engine import Engine, QueueFull, Sequence
 from ..pipeline import MASK_TEXT, AnswerText, InfillPlan, Pipeline, logprob_entry
 from ..sampling import SamplingParams
-from . import choices, kb_routes, ollama, schemas, tokens
+from . import choices, kb_routes, ollama, schemas, structured, tokens
 from .access import Access
 from .metrics import Metrics
 from .schemas import APIError
@@ -377,6 +377,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             fc = r.function_call
             tool_choice = {"type": "function", "function": fc} if isinstance(fc, dict) else fc
         messages = kbc.messages if kbc else [m.model_dump(exclude_none=True) for m in r.messages]
+        structured.validate_tools(tools, tool_choice)
         try:
             if settings.trim_history:               # as the Pipeline: drop the oldest turns that do not fit
                 prompt = render_within(fmt, messages, pipe.prompt_budget(params), tools=tools,
@@ -389,16 +390,13 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
             code = "context_length_exceeded" if "context window" in msg else "invalid_value"
             raise APIError(400, msg, param=param, code=code) from None
         check_length(len(prompt.ids))
-        try:
-            constraint = pipe.constraint_for(r.response_format, prompt, params)
-        except ValueError as e:
-            raise APIError(400, str(e), param="response_format", code="invalid_value") from None
+        constraint = structured.chat_constraint(pipe, r, prompt, params, tool_choice)
         k = (r.top_logprobs or 0) if r.logprobs else None
         n = choices.check_n(r.n, settings.max_n)
         fresh = [constraint]                    # choice 0 takes the one made above, each other choice its own
 
         def constraint_of():
-            return fresh.pop() if fresh else pipe.constraint_for(r.response_format, prompt, params)
+            return fresh.pop() if fresh else structured.chat_constraint(pipe, r, prompt, params, tool_choice)
         runs = [(e, q, AnswerText(tok, prompt, params.stop))
                 for e, q in submit_n(n, prompt.ids, params, constraint_of, k, adapter)]
         ereqs = [e for e, _, _ in runs]
@@ -503,7 +501,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         k = r.logprobs
         n = choices.check_n(r.n, settings.max_n)
         runs = [(e, q, AnswerText(tok, Prompt(ids=ids), params.stop, raw=True))
-                for e, q in submit_n(n, ids, params, lambda: None, k, adapter)]
+                for e, q in submit_n(n, ids, params, lambda: structured.completion_constraint(pipe, r, params), k,
+                                       adapter)]
         ereqs = [e for e, _, _ in runs]
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         include_usage = bool((r.stream_options or {}).get("include_usage"))

@@ -69,6 +69,7 @@ class CompletionRequest(_Sampling):
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None              # extension: structured outputs (as chat's)
 
 
 class LegacyRequest(_Strict):
