@@ -1,5 +1,5 @@
 """Grammar libraries for structured outputs, measured on this CPU with glmkit's own tokenizers: llguidance,
-xgrammar and outlines-core beside glmkit's hand-written JSON grammar (glmkit/constrain.py, JSON objects only).
+xgrammar and outlines-core beside glmkit's hand-written JSON grammar (benchmarks/_handwritten_grammar.py, once glmkit/constrain.py; JSON objects only).
 
     python benchmarks/grammar.py [--tokens 120] [--seeds 2] [--libs llguidance,xgrammar,outlines-core,handwritten]
 
@@ -176,10 +176,10 @@ class OutlinesCore:
 
 
 class Handwritten:
-    name = "handwritten (glmkit/constrain.py)"
+    name = "handwritten (the former glmkit/constrain.py)"
 
     def __init__(self, tok, stops):
-        from glmkit import constrain
+        import _handwritten_grammar as constrain
         self.c, self.tok, self.stops = constrain, tok, stops
         constrain.prepare(tok, constrain.JsonObjectValidator)
 

@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's command runs two pytest workers on the 2 CI cores: one thread each (and in the processes they
+    # start), else 2 x 2 OpenMP threads spin against each other and the suite runs slower than serially
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch as _torch
+    _torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GLMKIT_SHARED", ROOT.parent / "shared"))

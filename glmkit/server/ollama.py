@@ -171,7 +171,7 @@ def response_format_of(fmt) -> Optional[dict]:
     if fmt == "json":
         return {"type": "json_object"}
     if isinstance(fmt, dict):
-        return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": True}}
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": False}}     # ollama takes any schema
     raise _bad(f'format must be "json" or a JSON schema (an object), got {fmt!r}')
 
 

@@ -1,5 +1,5 @@
 """(No longer on the decode path: structured outputs go through llguidance, glmkit/grammar.py. This hand-written
-grammar stays as the anchor of benchmarks/grammar.py, and tests/test_constrain.py holds it.)
+grammar stays as the anchor of benchmarks/grammar.py, (moved out of glmkit/ once nothing there used it).)
 
 Constrained decoding: only tokens that keep the answer a valid prefix of a JSON object (response_format
 json_object) or of a ChatGLM3 tool call (a forced tool_choice) get a finite logit.
@@ -59,7 +59,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .tokenizer import Tokenizer
+from glmkit.tokenizer import Tokenizer
 
 
 class ConstraintError(ValueError):
