@@ -399,12 +399,14 @@ def _join_all(model: GLM, sds: list[dict], files: list[Path], bits: int, mapped:
     return joined, unexpected
 
 
-def _fill(model: GLM, joined: dict, dt: torch.dtype, device) -> None:
-    """Copy (or quantize, or convert) every joined tensor into the model built on the meta device."""
+def _fill(model: GLM, joined: dict, dt: torch.dtype, device, locate=_get_module) -> None:
+    """Copy (or quantize, or convert) every joined tensor into the model built on the meta device.
+    locate(model, our name) -> (module, attribute) holding it (a tensor-parallel model's local layers)."""
     from .quant import QuantEmbedding, QuantLinear
+    head = locate(model, "output.weight")[0]
     for ours, j in joined.items():
-        mod, leaf = _get_module(model, ours)
-        extra = [model.output] if ours == "tok_embeddings.weight" and isinstance(model.output, QuantLinear) else []
+        mod, leaf = locate(model, ours)
+        extra = [head] if ours == "tok_embeddings.weight" and isinstance(head, QuantLinear) else []
         if isinstance(mod, (QuantLinear, QuantEmbedding)) and leaf == "weight":
             mod.alloc_weight()
             if j.bits:

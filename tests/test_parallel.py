@@ -15,8 +15,10 @@ from glmkit.checkpoint import load_model
 from glmkit.parallel.plan import ShardError, make_plan
 from glmkit.quant import prepare_model
 
-from _tp_util import compute, engine_greedy, make_glm_hf, make_random, prompt_for, worker
-from conftest import REF, needs_shared
+from _tp_util import compute, engine_greedy, make_glm_hf, make_random, make_sat130b, prompt_for, worker
+from conftest import GLM, REF, needs_shared
+
+G130 = GLM / "glm-130b-tiny"          # SAT's GLM130B class wrote it: whole (mp1) and split 2-way (mp2)
 
 
 def _port() -> int:
@@ -36,6 +38,14 @@ def tp_results(tmp_path_factory):
     glm4, chatglm = make_random("glm4", tmp / "glm4", seed=3), make_random("chatglm", tmp / "chatglm", seed=3)
     cases += [("glm4-float", str(glm4), None), ("glm4-int4", str(glm4), "int4"), ("chatglm-int4", str(chatglm), "int4"),
               ("chatglm3-int4-saved", str(make_random("chatglm3", tmp / "q", seed=4, quantize="int4")), None)]
+    # GLM-130B from its SAT folders, each rank reading only its mp_rank shards: the fixture whole (each rank
+    # keeps its half of the one shard) and 2-way (one shard each); a wider random one split 4 ways (two shards
+    # joined per rank) in float, INT4 quantized while loading, and as GLM-130B's own INT4 shards
+    if G130.is_dir():
+        cases += [("glm130b-mp1", str(G130 / "mp1"), None), ("glm130b-mp2", str(G130 / "mp2"), None)]
+    sat4 = make_sat130b(tmp / "sat4", 4, seed=6)
+    cases += [("glm130b-mp4", str(sat4), None), ("glm130b-mp4-int4", str(sat4), "int4"),
+              ("glm130b-sat-int4", str(make_sat130b(tmp / "sat4q", 4, seed=7, bits=4)), None)]
     mp.start_processes(worker, args=(2, _port(), cases, str(tmp)), nprocs=2, join=True, start_method="spawn")
     return cases, torch.load(tmp / "tp.pt")
 
@@ -50,7 +60,8 @@ def _reference(folder, q):
     return res
 
 
-CASES = ["ref-chatglm-6b", "ref-chatglm3-6b", "glm4-float", "glm4-int4", "chatglm-int4", "chatglm3-int4-saved"]
+CASES = ["ref-chatglm-6b", "ref-chatglm3-6b", "glm4-float", "glm4-int4", "chatglm-int4", "chatglm3-int4-saved",
+         "glm130b-mp1", "glm130b-mp2", "glm130b-mp4", "glm130b-mp4-int4", "glm130b-sat-int4"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -58,7 +69,7 @@ def test_two_processes_give_the_logits_of_one(tp_results, name):
     cases, got = tp_results
     case = next((c for c in cases if c[0] == name), None)
     if case is None:
-        pytest.skip(f"{REF} (reference checkpoints) is absent")
+        pytest.skip(f"{G130 if name.startswith('glm130b') else REF} (reference checkpoints) is absent")
     want = _reference(case[1], case[2])
     tp = got[name]
     for key in ("full", "cached"):
