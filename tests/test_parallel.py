@@ -138,3 +138,58 @@ def test_quantized_slices_must_be_whole_groups():
     with pytest.raises(ShardError, match="layers.0.attn.out: a rank's 16 input columns are not whole "
                                          "quantization groups of 32"):
         load_sharded(REF / "chatglm3-6b", 0, 2, quantize="int4")
+
+
+def _param_bytes(model) -> int:
+    seen = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+@pytest.mark.parametrize("case", ["fixture mp1", "fixture mp2", "random mp4", "random mp4 sat-int4"])
+def test_sat_ranks_read_only_their_shards_and_hold_only_their_slices(tmp_path, monkeypatch, case):
+    """GLM-130B's SAT folder at TP 2: rank r opens only the mp_rank shards its slices are in (its half of a
+    4-way split, the one shard of a 2-way one, the whole one of mp1), its tensors are the plan's slices of the
+    whole model's, and together with the replicated norms it holds about half the model's bytes."""
+    from glmkit.checkpoint import load_model
+    from glmkit.parallel import sat_load
+    from glmkit.parallel.layers import locate
+    from glmkit.parallel.load import _quant_shard, load_sharded
+    if case.startswith("fixture"):
+        if not G130.is_dir():
+            pytest.skip(f"{G130} is absent")
+        folder = G130 / case.split()[1]
+    else:
+        folder = make_sat130b(tmp_path / "s", 4, seed=8, bits=4 if case.endswith("int4") else 0)
+    degree = len(list((folder / (folder / "latest").read_text()).glob("mp_rank_*")))
+    full, _ = load_model(folder, dtype="float32")
+    tensors = dict(full.named_parameters()) | dict(full.named_buffers())
+    whole = _param_bytes(full)
+    opened = []
+    real = sat_load._load_shard
+    monkeypatch.setattr(sat_load, "_load_shard", lambda f: opened.append(f.name) or real(f))
+    for rank in (0, 1):
+        opened.clear()
+        model, _ = load_sharded(folder, rank, 2, dtype="float32")
+        k = max(1, degree // 2)
+        first = rank * k if degree >= 2 else 0
+        assert opened == [f"mp_rank_{s:02d}_model_states.pt" for s in range(first, first + k)]
+        for name, want in tensors.items():
+            shard, _ = model.tp.shard_of(name)
+            mod, leaf = locate(model, name)
+            if leaf in ("qweight", "scales"):
+                shard = _quant_shard(shard, leaf, mod)
+            if shard.dim is not None:
+                want = torch.cat([want.narrow(shard.dim, a, b - a) for a, b in shard.ranges], shard.dim)
+            assert torch.equal(getattr(mod, leaf), want), (case, rank, name)
+        mine = _param_bytes(model)
+        assert 0.45 * whole < mine < 0.55 * whole, (case, rank, mine, whole)
+
+
+def test_sat_shards_per_rank():
+    from glmkit.parallel.sat_load import rank_shards
+    from glmkit.sat_checkpoint import SATError
+    assert rank_shards(8, 1, 2) == ([4, 5, 6, 7], 1, 0)        # shards 4r..4r+3, joined
+    assert rank_shards(8, 5, 8) == ([5], 1, 0)
+    assert rank_shards(2, 3, 4) == ([1], 2, 1)                  # the second half of shard 1
+    with pytest.raises(SATError, match="split 8 ways loads at a --tp that divides 8 or that 8 divides, not 3"):
+        rank_shards(8, 0, 3)
