@@ -230,7 +230,8 @@ _LIBC = []
 
 
 def _drop_pages(t: torch.Tensor) -> None:
-    """madvise(MADV_DONTNEED) the whole pages of a memory-mapped (read-only use, private) tensor's bytes."""
+    """madvise(MADV_DONTNEED) the whole pages of a memory-mapped (read-only use, private) tensor's bytes (the
+    pages are the file's, unmodified: a later read faults them in again)."""
     if not _LIBC:
         try:
             _LIBC.append(ctypes.CDLL(None, use_errno=True))
@@ -240,8 +241,9 @@ def _drop_pages(t: torch.Tensor) -> None:
     if libc is None or not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0:
         return
     page = mmap.PAGESIZE
-    a = -(-t.data_ptr() // page) * page
-    b = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    a = -(-t.data_ptr() // page) * page               # a strided view (a rank's columns): its whole span
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    b = (t.data_ptr() + (last + 1) * t.element_size()) // page * page
     if b > a:
         libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
 
