@@ -193,3 +193,30 @@ def test_sat_shards_per_rank():
     assert rank_shards(2, 3, 4) == ([1], 2, 1)                  # the second half of shard 1
     with pytest.raises(SATError, match="split 8 ways loads at a --tp that divides 8 or that 8 divides, not 3"):
         rank_shards(8, 0, 3)
+
+
+def test_torchrun_generate_tp2_from_a_sat_folder_prints_the_single_process_text(tmp_path):
+    """`torchrun --nproc_per_node 2 -m glmkit generate --tp 2 --model <SAT folder>`: the whole mp1 checkpoint,
+    each rank keeping its half of the one shard, greedy text as a single `glmkit generate`."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import OFFICIAL, ROOT
+    ice = OFFICIAL / "chatglm-6b" / "ice_text.model"
+    if not G130.is_dir() or not ice.is_file():
+        pytest.skip(f"{G130} or {ice} is absent")
+    folder = tmp_path / "sat"
+    folder.mkdir()
+    for f in list((G130 / "mp1").iterdir()) + [ice]:
+        (folder / f.name).symlink_to(f)
+    args = ["generate", "--model", str(folder), "--prompt", "Who is the greatest artist?", "-t", "0",
+            "--max-new-tokens", "6"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300) for cmd in (
+        [sys.executable, "-m", "glmkit"] + args,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "glmkit"]
+        + args + ["--tp", "2"])]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[0].stdout.strip() and runs[1].stdout == runs[0].stdout
