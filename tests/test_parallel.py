@@ -213,10 +213,9 @@ def test_torchrun_generate_tp2_from_a_sat_folder_prints_the_single_process_text(
     args = ["generate", "--model", str(folder), "--prompt", "Who is the greatest artist?", "-t", "0",
             "--max-new-tokens", "6"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300) for cmd in (
-        [sys.executable, "-m", "glmkit"] + args,
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "glmkit"]
-        + args + ["--tp", "2"])]
-    for r in runs:
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert runs[0].stdout.strip() and runs[1].stdout == runs[0].stdout
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "glmkit"] + args + ["--tp", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import glmkit
+    one = "".join(glmkit.load(folder).start_generate(args[4], temperature=0, max_new_tokens=6))
+    assert one.strip() and r.stdout == one + "\n"
