@@ -12,9 +12,11 @@ and torch, ~0.3 GiB): glmkit.load(dir) with --quantize (default int4: glmkit's b
 loading, a 64 MB slice at a time) or --quantize none --dtype bfloat16, then --tokens greedy decode steps after
 a --prompt-len token prompt through the engine (tokens/s of the decode steps only).
 
---tp N: tensor-parallel degree of the *inference* (1 here). N > 1 runs the same child under
-`torchrun --nproc_per_node N` when glmkit/parallel/ provides tensor-parallel loading (another part of
-issue 15); each rank then reports its own peak RSS.
+--tp N: tensor-parallel degree of the *inference*. N > 1 runs the same child under `torchrun
+--nproc_per_node N` (gloo): each rank reads only its mp_rank shards (glmkit/parallel/sat_load.py; N must
+divide --shards or be a multiple of it), rank 0 decodes and the others follow; each rank reports its own load
+time and peak RSS, the summary line the slowest load and the largest peak. With 2 CPU cores, give each rank
+its share (OMP_NUM_THREADS; torchrun sets 1 when it is unset).
 
 Run from the repository root:
     python benchmarks/glm130b_shaped.py                       # 2 layers, 8 shards, INT4 at load, TP 1
@@ -117,20 +119,45 @@ def child(args) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     import glmkit
 
+    rank = 0
+    if args.tp > 1:                        # under torchrun: one process per rank, each reading its SAT shards
+        from glmkit.parallel import dist
+        rank = dist.init_distributed("cpu").rank
     t0, c0 = time.perf_counter(), time.process_time()
     q = None if args.quantize == "none" else args.quantize
-    pipe = glmkit.load(args.dir, dtype=args.dtype if q is None else None, quantize=q, ctx=256)
+    pipe = glmkit.load(args.dir, dtype=args.dtype if q is None else None, quantize=q, ctx=256, tp=args.tp)
     load_s, load_cpu = time.perf_counter() - t0, time.process_time() - c0   # CPU: less noisy when loaded
     rss_load = _vm("VmHWM")
+    kthreads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.tp)    # the cores shared by the ranks
+    try:
+        from glmkit import kernels
+        kernels.set_num_threads(kthreads)
+    except (ImportError, OSError, RuntimeError, AttributeError):
+        kthreads = None                                            # no kernel extension: PyTorch's path
+    row = {"tp": args.tp, "rank": rank, "load_s": round(load_s, 2), "load_cpu_s": round(load_cpu, 2),
+           "peak_rss_gib_load": round(rss_load, 3), "dtype": str(pipe.model.dtype), "quantize": args.quantize,
+           "threads": torch.get_num_threads(), "kernel_threads": kthreads}
+    if rank > 0:                           # followers make rank 0's model calls until it stops them
+        from glmkit.parallel.runtime import follow
+        follow(pipe.model)
+        print(json.dumps({**row, "peak_rss_gib": round(_vm("VmHWM"), 3)}), flush=True)
+        return
     ids = [20100 + i for i in range(args.prompt_len - 2)] + [150001, 150004]   # text ids, [gMASK], sop
     run = pipe.start_generate(ids, max_new_tokens=args.tokens, temperature=0)
     n = len(list(run.tokens))
     st = run.stats
-    print(json.dumps({"tp": args.tp, "rank": int(os.environ.get("RANK", 0)), "load_s": round(load_s, 2), "load_cpu_s": round(load_cpu, 2),
-                      "peak_rss_gib_load": round(rss_load, 3), "peak_rss_gib": round(_vm("VmHWM"), 3),
-                      "decode_tok_s": round(st.decode_tps, 3), "new_tokens": n,
-                      "prefill_s": round(st.ttft, 2), "dtype": str(pipe.model.dtype),
-                      "quantize": args.quantize, "threads": torch.get_num_threads()}), flush=True)
+    if args.tp > 1:
+        from glmkit.parallel.runtime import stop
+        stop(pipe.model)
+    print(json.dumps({**row, "peak_rss_gib": round(_vm("VmHWM"), 3), "decode_tok_s": round(st.decode_tps, 3),
+                      "new_tokens": n, "prefill_s": round(st.ttft, 2)}), flush=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -145,6 +172,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16", help="with --quantize none")
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="quantized-kernel threads per rank (default: this process's CPUs / --tp)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dir is None:
@@ -161,15 +190,10 @@ def main() -> int:
         args.quantize = f"int{args.sat_bits}"
     cmd = [sys.argv[0], "--child", "--dir", str(args.dir), "--tp", str(args.tp), "--quantize", args.quantize,
            "--dtype", args.dtype, "--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len),
-           "--layers", str(args.layers), "--shards", str(args.shards)]
+           "--layers", str(args.layers), "--shards", str(args.shards), "--threads", str(args.threads)]
     if args.tp > 1:
-        try:
-            import glmkit.parallel  # noqa: F401
-        except ImportError:
-            print("--tp > 1 needs glmkit/parallel/ (tensor-parallel inference), which this tree does not have yet",
-                  file=sys.stderr)
-            return 2
-        cmd = ["torchrun", "--nproc_per_node", str(args.tp)] + cmd
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.tp),
+               "--master_port", str(_free_port())] + cmd
     else:
         cmd = [sys.executable] + cmd
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -184,7 +208,7 @@ def main() -> int:
     print(f"glm130b_shaped layers={args.layers} shards={args.shards} tp={args.tp} quantize={args.quantize} "
           f"load_s={max(r['load_s'] for r in rows)} load_cpu_s={max(r['load_cpu_s'] for r in rows)} "
           f"peak_rss_gib_per_rank={worst} "
-          f"decode_tok_s={rows[0]['decode_tok_s']}")
+          f"decode_tok_s={next(r['decode_tok_s'] for r in rows if r['rank'] == 0)}")
     return 0
 
 

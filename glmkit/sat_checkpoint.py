@@ -230,7 +230,8 @@ _LIBC = []
 
 
 def _drop_pages(t: torch.Tensor) -> None:
-    """madvise(MADV_DONTNEED) the whole pages of a memory-mapped (read-only use, private) tensor's bytes."""
+    """madvise(MADV_DONTNEED) the whole pages of a memory-mapped (read-only use, private) tensor's bytes (the
+    pages are the file's, unmodified: a later read faults them in again)."""
     if not _LIBC:
         try:
             _LIBC.append(ctypes.CDLL(None, use_errno=True))
@@ -240,8 +241,9 @@ def _drop_pages(t: torch.Tensor) -> None:
     if libc is None or not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0:
         return
     page = mmap.PAGESIZE
-    a = -(-t.data_ptr() // page) * page
-    b = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    a = -(-t.data_ptr() // page) * page               # a strided view (a rank's columns): its whole span
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    b = (t.data_ptr() + (last + 1) * t.element_size()) // page * page
     if b > a:
         libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
 
@@ -399,12 +401,14 @@ def _join_all(model: GLM, sds: list[dict], files: list[Path], bits: int, mapped:
     return joined, unexpected
 
 
-def _fill(model: GLM, joined: dict, dt: torch.dtype, device) -> None:
-    """Copy (or quantize, or convert) every joined tensor into the model built on the meta device."""
+def _fill(model: GLM, joined: dict, dt: torch.dtype, device, locate=_get_module) -> None:
+    """Copy (or quantize, or convert) every joined tensor into the model built on the meta device.
+    locate(model, our name) -> (module, attribute) holding it (a tensor-parallel model's local layers)."""
     from .quant import QuantEmbedding, QuantLinear
+    head = locate(model, "output.weight")[0]
     for ours, j in joined.items():
-        mod, leaf = _get_module(model, ours)
-        extra = [model.output] if ours == "tok_embeddings.weight" and isinstance(model.output, QuantLinear) else []
+        mod, leaf = locate(model, ours)
+        extra = [head] if ours == "tok_embeddings.weight" and isinstance(head, QuantLinear) else []
         if isinstance(mod, (QuantLinear, QuantEmbedding)) and leaf == "weight":
             mod.alloc_weight()
             if j.bits:

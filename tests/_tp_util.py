@@ -46,9 +46,10 @@ def make_random(family: str, out: Path, seed: int = 0, quantize=None, **override
 
 
 def prompt_for(cfg) -> list[int]:
-    """A prompt that exercises the generation's positions: ChatGLM-6B gets [gMASK] <sop>."""
+    """A prompt that exercises the generation's positions: ChatGLM-6B (and GLM-130B where its vocabulary
+    holds them) gets [gMASK] <sop>."""
     ids = [5, 17, 33, 8, 91, 64, 12, 40]
-    if cfg.rope_2d:
+    if cfg.rope_2d or (cfg.family == "glm130b" and cfg.gmask_token_id < cfg.vocab_size):
         ids = ids + [cfg.gmask_token_id, cfg.sop_token_id]
     return ids
 
@@ -141,4 +142,47 @@ def make_glm_hf(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(GLM_HF))
+    return out
+
+
+# a GLM-130B-style model (SAT arguments) wide enough that every rank's row-parallel columns are whole INT4
+# blocks of 32 at TP 2 from a 4-way split (the ../shared fixture's ranks have 16 and 40 columns)
+SAT130B = {"num-layers": 2, "hidden-size": 64, "inner-hidden-size": 128, "vocab-size": 512,
+           "num-attention-heads": 4, "max-sequence-length": 256, "layernorm-order": "post"}
+
+
+def make_sat130b(out: Path, shards: int, seed: int = 0, bits: int = 0) -> Path:
+    """A random GLM-130B-style model in the released SAT layout, split `shards` ways by convert_tp.py's rules
+    (sat_checkpoint.split_tp); bits 4 | 8: GLM-130B's own quantized shards (sat_checkpoint.quantize_sat)."""
+    import json
+
+    from glmkit.checkpoint import KEY_MAPS
+    from glmkit.config import from_sat_args
+    from glmkit.model import GLM
+    from glmkit.sat_checkpoint import QUANTIZED, quantize_sat, short_name, split_tp
+
+    model = GLM(from_sat_args(SAT130B)).init_weights(std=0.08, seed=seed)
+    table, sd = KEY_MAPS["sat"], {}
+    g = torch.Generator().manual_seed(seed + 1)
+    for ours, p in model.named_parameters():
+        parts = ours.split(".")
+        key = (table[".".join(["layers", "{i}"] + parts[2:])].replace("{i}", parts[1]) if parts[0] == "layers"
+               else table.get(ours))
+        if key is None:                              # the tied output
+            continue
+        t = p.detach().clone()
+        if ours.endswith("bias") or "norm" in ours:  # away from their init values: they must travel too
+            t += torch.randn(t.shape, generator=g) * 0.1
+        sd[key] = t
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "3").mkdir(exist_ok=True)
+    for r, part in enumerate(split_tp(sd, shards)):
+        if bits:
+            for k in list(part):
+                if short_name(k) in QUANTIZED:
+                    part[k], part[k + "_scale"] = quantize_sat(part[k], bits)
+        torch.save({"module": part}, out / "3" / f"mp_rank_{r:02d}_model_states.pt")
+    args = {**SAT130B, "model-parallel-size": shards, **({"quantization-bit-width": bits} if bits else {})}
+    (out / "model_args.json").write_text(json.dumps(args))
+    (out / "latest").write_text("3")
     return out

@@ -91,6 +91,18 @@ def _config(path: Path, family, quantize):
     return cfg, cfg_dict, spec, pre
 
 
+def localize(model: GLM, cfg, plan) -> None:
+    """Swap the meta model's layers for the rank's local ones and give it the local head counts."""
+    shard_modules(model, plan)
+    local = cfg.replace(num_heads=plan.heads, num_kv_heads=plan.kv_heads)
+    local.extra = {**cfg.extra, "tensor_parallel": {"rank": plan.rank, "world": plan.world,
+                                                    "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads}}
+    model.config = local
+    for layer in model.layers:
+        layer.attn.cfg = local
+    model.tp = plan
+
+
 def load_sharded(path, rank: int, world: int, dtype=None, device: str = "cpu", family: Optional[str] = None,
                  progress: bool = False, quantize=None) -> tuple[GLM, LoadInfo]:
     """This rank's part of the model in `path` for a tensor-parallel group of `world` (glmkit/parallel/plan.py):
@@ -99,6 +111,10 @@ def load_sharded(path, rank: int, world: int, dtype=None, device: str = "cpu", f
     along its blocks). plan.ShardError when the model's sizes do not divide by `world`."""
     t0 = time.perf_counter()
     path = Path(path)
+    from ..sat_checkpoint import is_sat_dir
+    if is_sat_dir(path):                    # GLM-130B's SAT folder: each rank reads only its mp_rank shards
+        from .sat_load import load_sharded_sat
+        return load_sharded_sat(path, rank, world, dtype=dtype, device=device, quantize=quantize)
     cfg, cfg_dict, spec, pre = _config(path, family, quantize)
     layout, files = layout_of(cfg_dict), weight_files(path)
     if spec is not None:
@@ -121,14 +137,7 @@ def load_sharded(path, rank: int, world: int, dtype=None, device: str = "cpu", f
             quant.quant_skeleton(model, spec, act_dtype=dt)
     if tied:
         rev = {k: v for k, v in rev.items() if v[0] != "output.weight"}
-    shard_modules(model, plan)
-    local = cfg.replace(num_heads=plan.heads, num_kv_heads=plan.kv_heads)
-    local.extra = {**cfg.extra, "tensor_parallel": {"rank": rank, "world": world, "num_heads": cfg.num_heads,
-                                                    "num_kv_heads": cfg.num_kv_heads}}
-    model.config = local
-    for layer in model.layers:
-        layer.attn.cfg = local
-    model.tp = plan
+    localize(model, cfg, plan)
 
     filled: dict[str, set] = {}
     info = LoadInfo(path=path, layout=layout, files=files)
