@@ -60,25 +60,6 @@ KEY_MAPS: dict[str, dict[str, object]] = {
         "norm.weight": "transformer.encoder.final_layernorm.weight",
         "output.weight": "transformer.output_layer.weight",
     },
-    "glm": {  # the original GLM (2021): THUDM's remote-code GLMModel, keys as published (optionally under "glm.")
-        "tok_embeddings.weight": "word_embeddings.weight",
-        "pos_embeddings.weight": "transformer.position_embeddings.weight",
-        "block_pos_embeddings.weight": "transformer.block_position_embeddings.weight",
-        "layers.{i}.attn_norm.weight": "transformer.layers.{i}.input_layernorm.weight",
-        "layers.{i}.attn_norm.bias": "transformer.layers.{i}.input_layernorm.bias",
-        "layers.{i}.attn.qkv.weight": "transformer.layers.{i}.attention.query_key_value.weight",
-        "layers.{i}.attn.qkv.bias": "transformer.layers.{i}.attention.query_key_value.bias",
-        "layers.{i}.attn.out.weight": "transformer.layers.{i}.attention.dense.weight",
-        "layers.{i}.attn.out.bias": "transformer.layers.{i}.attention.dense.bias",
-        "layers.{i}.ffn_norm.weight": "transformer.layers.{i}.post_attention_layernorm.weight",
-        "layers.{i}.ffn_norm.bias": "transformer.layers.{i}.post_attention_layernorm.bias",
-        "layers.{i}.mlp.up.weight": "transformer.layers.{i}.mlp.dense_h_to_4h.weight",
-        "layers.{i}.mlp.up.bias": "transformer.layers.{i}.mlp.dense_h_to_4h.bias",
-        "layers.{i}.mlp.down.weight": "transformer.layers.{i}.mlp.dense_4h_to_h.weight",
-        "layers.{i}.mlp.down.bias": "transformer.layers.{i}.mlp.dense_4h_to_h.bias",
-        "norm.weight": "transformer.final_layernorm.weight",
-        "norm.bias": "transformer.final_layernorm.bias",
-    },
     "glm_hf": {  # transformers GlmForCausalLM (glm-4-9b-chat-hf)
         "tok_embeddings.weight": "model.embed_tokens.weight",
         "layers.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
@@ -98,6 +79,14 @@ KEY_MAPS: dict[str, dict[str, object]] = {
 }
 # prefixes a layout's keys may carry in the file (GLMForConditionalGeneration / GLMForMultipleChoice: "glm.")
 KEY_PREFIXES: dict[str, tuple[str, ...]] = {"glm": ("glm.",)}
+# the original GLM (2021): THUDM's remote-code GLMModel, keys as published (optionally under "glm."): ChatGLM-6B's
+# layer and final-norm names, its own embedding tables, no separate output (tied to the word embeddings)
+KEY_MAPS["glm"] = {
+    "tok_embeddings.weight": "word_embeddings.weight",
+    "pos_embeddings.weight": "transformer.position_embeddings.weight",
+    "block_pos_embeddings.weight": "transformer.block_position_embeddings.weight",
+    **{ours: theirs for ours, theirs in KEY_MAPS["chatglm"].items() if ours.startswith(("layers.", "norm."))},
+}
 KEY_MAPS["sat"] = KEY_MAPS["chatglm"]   # GLM-130B's SAT checkpoints name their tensors as ChatGLM-6B (output tied)
 # buffers the official code saves that we recompute (rotary inverse frequencies)
 IGNORED_KEYS = [re.compile(r"(^|\.)rotary_emb\.inv_freq$"), re.compile(r"(^|\.)rotary_pos_emb\.inv_freq$")]
@@ -448,6 +437,32 @@ def _quantize_releasing(targets, r0: int, src: torch.Tensor, release) -> None:
     release()
 
 
+def read_model_config(path: Path, family=None, quantize=None):
+    """A folder's config.json -> (ModelConfig, the raw dict, QuantSpec or None, whether the folder itself is
+    quantized); quantize= of an already quantized folder must be its own spec (CheckpointError otherwise)."""
+    from . import quant
+
+    cfg_dict = read_config(path)
+    try:
+        cfg = from_hf(cfg_dict, family=family or detect_family(path, cfg_dict))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} lacks or mistypes a required field: {e}") from None
+    spec, prequantized = None, bool(cfg.quantization)
+    try:
+        if prequantized:
+            spec = quant.QuantSpec.from_dict(cfg.quantization)
+            if quantize is not None and quant.QuantSpec.parse(quantize) != spec:
+                raise CheckpointError(f"{path} is already quantized ({spec.to_dict()}); load it without "
+                                      "quantize=, or quantize the float checkpoint it came from")
+        elif quantize is not None:
+            spec = quant.QuantSpec.parse(quantize)
+    except quant.QuantError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    return cfg, cfg_dict, spec, prequantized
+
+
 def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = None,
                progress: bool = False, quantize=None) -> tuple[GLM, LoadInfo]:
     """Load a checkpoint folder (official layouts or ours) into a GLM in `dtype` on `device`.
@@ -465,26 +480,9 @@ def load_model(path, dtype=None, device: str = "cpu", family: Optional[str] = No
     from . import sat_checkpoint
     if sat_checkpoint.is_sat_dir(path):          # GLM-130B's SwissArmyTransformer layout: no config.json
         return sat_checkpoint.load_sat(path, dtype=dtype, device=device, progress=progress, quantize=quantize)
-    cfg_dict = read_config(path)
-    try:
-        cfg = from_hf(cfg_dict, family=family or detect_family(path, cfg_dict))
-    except ConfigError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'} lacks or mistypes a required field: {e}") from None
+    cfg, cfg_dict, spec, prequantized = read_model_config(path, family, quantize)
     layout = layout_of(cfg_dict)
     files = weight_files(path)
-    spec, prequantized = None, bool(cfg.quantization)
-    try:
-        if prequantized:
-            spec = quant.QuantSpec.from_dict(cfg.quantization)
-            if quantize is not None and quant.QuantSpec.parse(quantize) != spec:
-                raise CheckpointError(f"{path} is already quantized ({spec.to_dict()}); load it without "
-                                      "quantize=, or quantize the float checkpoint it came from")
-        elif quantize is not None:
-            spec = quant.QuantSpec.parse(quantize)
-    except quant.QuantError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     if spec is not None:
         if torch.device(device).type != "cpu" and dtype is None:
             dtype = "float16"

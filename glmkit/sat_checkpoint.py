@@ -456,23 +456,7 @@ def load_sat(path, dtype=None, device: str = "cpu", progress: bool = False, quan
     with torch.device("meta"):
         model = GLM(cfg)
     joined, unexpected = _join_all(model, sds, files, bits, mapped)
-    spec = None
-    try:
-        if bits:
-            spec = _sat_spec(joined, bits)
-            if quantize is not None and quant.QuantSpec.parse(quantize).bits != bits:
-                raise SATError(f"{path} holds GLM-130B's own INT{bits} weights; load it without quantize= "
-                               f"(or load a float checkpoint to quantize it to {quantize})")
-        elif quantize is not None:
-            spec = quant.QuantSpec.parse(quantize)
-    except quant.QuantError as e:
-        raise SATError(f"quantize={quantize!r}: {e}") from None
-    if spec is not None:
-        dt = resolve_dtype(dtype or "float32", cfg, device)
-        cfg.quantization = spec.to_dict()
-        quant.quant_skeleton(model, spec, act_dtype=dt)
-    else:
-        dt = resolve_dtype(dtype, cfg, device)
+    spec, dt = quant_setup(model, cfg, joined, bits, quantize, dtype, device, path)
     with torch.no_grad():
         _fill(model, joined, dt, "cpu" if spec is not None else device)
         if not isinstance(model.output, quant.QuantLinear):
@@ -484,3 +468,26 @@ def load_sat(path, dtype=None, device: str = "cpu", progress: bool = False, quan
     info = LoadInfo(path=path, layout="sat", files=files, unexpected=unexpected)
     info.seconds = time.perf_counter() - t0
     return model, info
+
+
+def quant_setup(model, cfg, joined: dict, bits: int, quantize, dtype, device, path):
+    """The quantization a SAT load ends in (its own INT8/INT4 shards, or quantize= of a float checkpoint) ->
+    (QuantSpec or None, activation dtype); a quantized model gets its QuantLinear skeleton and cfg.quantization."""
+    from . import quant
+    spec = None
+    try:
+        if bits:
+            spec = _sat_spec(joined, bits)
+            if quantize is not None and quant.QuantSpec.parse(quantize).bits != bits:
+                raise SATError(f"{path} holds GLM-130B's own INT{bits} weights; load it without quantize= "
+                               f"(or load a float checkpoint to quantize it to {quantize})")
+        elif quantize is not None:
+            spec = quant.QuantSpec.parse(quantize)
+    except quant.QuantError as e:
+        raise SATError(f"quantize={quantize!r}: {e}") from None
+    if spec is None:
+        return None, resolve_dtype(dtype, cfg, device)
+    dt = resolve_dtype(dtype or "float32", cfg, device)
+    cfg.quantization = spec.to_dict()
+    quant.quant_skeleton(model, spec, act_dtype=dt)
+    return spec, dt

@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 
 from .. import quant
-from ..checkpoint import (IGNORED_KEYS, CheckpointError, LoadInfo, _part_rows, _reverse_map, detect_family, iter_tensors,
-                          layout_of, read_config, resolve_dtype, weight_files)
-from ..config import ConfigError, from_hf
+from ..checkpoint import (IGNORED_KEYS, CheckpointError, LoadInfo, _part_rows, _reverse_map, iter_tensors, layout_of,
+                          read_model_config, resolve_dtype, weight_files)
 from ..model import GLM
 from .layers import locate, shard_modules
 from .plan import Shard, make_plan
@@ -69,28 +68,6 @@ def _quant_shard(shard: Shard, leaf: str, mod) -> Shard:
     return shard.scaled(1, mod.group) if leaf == "scales" else shard.scaled(1, 2 if mod.bits == 4 else 1)
 
 
-def _config(path: Path, family, quantize):
-    cfg_dict = read_config(path)
-    try:
-        cfg = from_hf(cfg_dict, family=family or detect_family(path, cfg_dict))
-    except ConfigError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'} lacks or mistypes a required field: {e}") from None
-    spec, pre = None, bool(cfg.quantization)
-    try:
-        if pre:
-            spec = quant.QuantSpec.from_dict(cfg.quantization)
-            if quantize is not None and quant.QuantSpec.parse(quantize) != spec:
-                raise CheckpointError(f"{path} is already quantized ({spec.to_dict()}); load it without "
-                                      "quantize=, or quantize the float checkpoint it came from")
-        elif quantize is not None:
-            spec = quant.QuantSpec.parse(quantize)
-    except quant.QuantError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    return cfg, cfg_dict, spec, pre
-
-
 def localize(model: GLM, cfg, plan) -> None:
     """Swap the meta model's layers for the rank's local ones and give it the local head counts."""
     shard_modules(model, plan)
@@ -115,7 +92,7 @@ def load_sharded(path, rank: int, world: int, dtype=None, device: str = "cpu", f
     if is_sat_dir(path):                    # GLM-130B's SAT folder: each rank reads only its mp_rank shards
         from .sat_load import load_sharded_sat
         return load_sharded_sat(path, rank, world, dtype=dtype, device=device, quantize=quantize)
-    cfg, cfg_dict, spec, pre = _config(path, family, quantize)
+    cfg, cfg_dict, spec, pre = read_model_config(path, family, quantize)
     layout, files = layout_of(cfg_dict), weight_files(path)
     if spec is not None:
         dt = resolve_dtype(dtype or ("float16" if torch.device(device).type != "cpu" else "float32"), cfg, device)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from .. import quant
-from ..checkpoint import IGNORED_KEYS, LoadInfo, _reverse_map, resolve_dtype
+from ..checkpoint import IGNORED_KEYS, LoadInfo, _reverse_map
 from ..config import ConfigError, from_sat_args
 from ..model import GLM
-from ..sat_checkpoint import Joined, SATError, _bits_of, _fill, _load_shard, _sat_spec, read_args, shard_files, tp_rule
+from ..sat_checkpoint import Joined, SATError, _bits_of, _fill, _load_shard, quant_setup, read_args, shard_files, tp_rule
 from .layers import locate
 from .load import localize
 from .plan import make_plan
@@ -103,22 +103,7 @@ def load_sharded_sat(path, rank: int, world: int, dtype=None, device: str = "cpu
     with torch.device("meta"):
         model = GLM(cfg)
     joined, unexpected = _join_local(model, plan, sds, files, bits, m, j, mapped)
-    spec = None
-    try:
-        if bits:
-            spec = _sat_spec(joined, bits)
-            if quantize is not None and quant.QuantSpec.parse(quantize).bits != bits:
-                raise SATError(f"{path} holds GLM-130B's own INT{bits} weights; load it without quantize=")
-        elif quantize is not None:
-            spec = quant.QuantSpec.parse(quantize)
-    except quant.QuantError as e:
-        raise SATError(f"quantize={quantize!r}: {e}") from None
-    if spec is not None:
-        dt = resolve_dtype(dtype or "float32", cfg, device)
-        cfg.quantization = spec.to_dict()
-        quant.quant_skeleton(model, spec, act_dtype=dt)
-    else:
-        dt = resolve_dtype(dtype, cfg, device)
+    spec, dt = quant_setup(model, cfg, joined, bits, quantize, dtype, device, path)
     localize(model, cfg, plan)
     with torch.no_grad():
         _fill(model, joined, dt, "cpu" if spec is not None else device, locate=locate)
