@@ -160,6 +160,34 @@ def test_prefill_chunks_run_between_decode_steps():
     assert a_tokens == alone(m, a.prompt, a.params) and b_tokens == alone(m, b.prompt)
 
 
+
+def test_a_prompt_alone_is_read_in_the_larger_chunk():
+    """No stream decoding: prefill_chunk_alone tokens per step (nobody waits on the step); once one decodes, the
+    next prompt goes back to prefill_chunk. The default on CPU: 128 alone, 32 beside others."""
+    m = tiny("chatglm3-6b")
+    d = Engine(m, 64)
+    assert (d.prefill_chunk, d.prefill_chunk_alone) == (32, 128)
+    assert Engine(m, 64, prefill_chunk=8).prefill_chunk_alone == 8          # an explicit chunk means both
+    eng = Engine(m, 128, slots=2, prefill_chunk=4, prefill_chunk_alone=16, cache_mb=0)
+    a = Sequence(list(range(3, 43)), SamplingParams(temperature=0, max_new_tokens=30))
+    eng.submit(a)
+    reads, pos = [], 0
+    for _ in range(10):
+        eng.step()
+        reads.append(min(a.pos, len(a.prompt)) - pos)
+        pos = min(a.pos, len(a.prompt))
+        if a.prefill is None:
+            break
+    assert reads == [16, 16, 8]                          # 40 tokens alone: 16 per step
+    b = Sequence(list(range(50, 70)), GREEDY)
+    eng.submit(b)
+    eng.step()                                           # b admitted and its first 4 tokens read beside a
+    assert b.pos == 4
+    while eng.busy:
+        eng.step()
+    assert b.finished in ("stop", "length")
+
+
 def test_cancel_and_reuse_after_cancel():
     m = tiny("glm-4-9b")
     eng = Engine(m, 128)

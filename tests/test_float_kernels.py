@@ -63,15 +63,16 @@ def _check(x, w, bias, y):
 # --- the kernel ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("N,K", [(1, 1), (16, 64), (17, 7), (45, 300), (64, 600)])
+@pytest.mark.parametrize("N,K", [(1, 1), (16, 64), (17, 7), (45, 300), (64, 600), (100, 520)])
 def test_gemm_every_tile_size(isa, dtype, N, K):
     """M 1-4: the decode kernel (each tile size); 5-40: the blocked one (every register-tile split; K 600
-    crosses two 256-k blocks); rows past N % 16; with and without bias; 1 and 2 threads."""
+    crosses two 256-k blocks); 133 and 300: more than one 128-row block; N 100: panels in more than one group
+    of four, the last one short; rows past N % 16; with and without bias; 1 and 2 threads."""
     g = torch.Generator().manual_seed(N * 7 + K)
     w = torch.randn(N, K, generator=g).to(dtype)
     p = gk.pack_float(w)
     assert p.numel() == gk.packed_nbytes(gk.FLOAT_KINDS[dtype], N, K)
-    for M in (1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 40):
+    for M in (1, 2, 3, 4, 5, 6, 7, 11, 13, 32, 40, 133, 300):
         x = torch.randn(M, K, generator=g)
         bias = torch.randn(N, generator=g) if M % 2 else None
         for threads in (1, 2) if M in (1, 13) else (2,):

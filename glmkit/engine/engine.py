@@ -59,6 +59,18 @@ def default_prefill_chunk(model: GLM) -> int:
     return 32 if model.device.type == "cpu" else 512
 
 
+ALONE_CHUNK_CPU = 128
+
+
+def default_alone_chunk(model: GLM, chunk: int) -> int:
+    """Prompt tokens per prefill step while no other sequence is decoding (nobody waits on the step, so only
+    the prompt's own speed counts): 128 on CPU, where the float and quantized matrix multiplies run at their
+    best from ~128 rows (each step reads all the weights once; benchmarks/float_gemm.py: the bf16 kernel at 32 /
+    128 rows, 4 of ChatGLM3-6B's layers through the engine, 2 threads, AMD EPYC Zen3: 68-73 / 82-85 prompt
+    tok/s), and never less than `chunk`."""
+    return max(chunk, ALONE_CHUNK_CPU) if model.device.type == "cpu" else chunk
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -133,9 +145,11 @@ class TokenStream:
 class Engine:
     def __init__(self, model: GLM, max_seq: int, slots: int = 1, *, cache_mb: Optional[float] = None,
                  prefill_chunk: Optional[int] = None, max_queue: int = 64, ptuning: Optional[torch.Tensor] = None,
-                 kv_dtype=None):
+                 kv_dtype=None, prefill_chunk_alone: Optional[int] = None):
         """ptuning: P-tuning v2 keys/values [layers, 2, G, P, D] in front of every sequence (adapters/ptuning.py).
-        kv_dtype: the KV cache's (KVCache.for_model: None = fp16 for quantized models, else theirs; "int8")."""
+        kv_dtype: the KV cache's (KVCache.for_model: None = fp16 for quantized models, else theirs; "int8").
+        prefill_chunk: prompt tokens per step beside decoding sequences; prefill_chunk_alone: per step while
+        none decodes (default: prefill_chunk when that is given, else default_alone_chunk)."""
         cfg = model.config
         self.model = model
         self.max_seq = min(max_seq, cfg.max_seq_len)
@@ -145,6 +159,8 @@ class Engine:
             self.cache_mb = 0                          # mirror model calls, not copies between cache rows
         self.reuse = self.cache_mb > 0                 # 0: no prefix is reused, not even a slot's own
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(model)
+        self.prefill_chunk_alone = prefill_chunk_alone or (
+            prefill_chunk if prefill_chunk else default_alone_chunk(model, self.prefill_chunk))
         self.max_queue = max_queue
         self.ptuning = ptuning
         self.kv_dtype = kv_dtype
@@ -260,11 +276,12 @@ class Engine:
                 decoding = [s for s in self.running if s.decoding]
                 if reading is not None and not reading.prefill.begun:
                     self._begin(reading)
-                if reading is not None and self.stepper.can_merge(reading, self.prefill_chunk):
-                    self._prefill_and_decode(reading, decoding)    # one step on the fused path
+                chunk = self.prefill_chunk if decoding else max(self.prefill_chunk, self.prefill_chunk_alone)
+                if reading is not None and self.stepper.can_merge(reading, chunk):
+                    self._prefill_and_decode(reading, decoding, chunk)    # one step on the fused path
                 else:
                     if reading is not None:
-                        self._prefill_chunk(reading)
+                        self._prefill_chunk(reading, chunk)
                     decoding = [s for s in self.running if s.decoding]
                     if decoding:
                         self._decode(decoding)
@@ -380,9 +397,9 @@ class Engine:
             self.prefix.insert(ids, len(ids), lambda a, b: self.cache.read(slot, a, b), head=head, tag=tag)
 
     # --- prefill and decode ------------------------------------------------------------------------------------
-    def _prefill_chunk(self, seq: Sequence):
+    def _prefill_chunk(self, seq: Sequence, chunk: int):
         t0, before = time.perf_counter(), seq.prefill.next
-        logits = self.stepper.prefill(seq, self.prefill_chunk)
+        logits = self.stepper.prefill(seq, chunk)
         self._chunk_done(seq, logits, seq.prefill.next - before, time.perf_counter() - t0)
 
     def _chunk_done(self, seq: Sequence, logits: Optional[torch.Tensor], tokens: int, dt: float):
@@ -395,11 +412,11 @@ class Engine:
             seq.prefill = None
             self._pick(seq, logits)
 
-    def _prefill_and_decode(self, seq: Sequence, seqs: list[Sequence]):
+    def _prefill_and_decode(self, seq: Sequence, seqs: list[Sequence], chunk: int):
         """A prompt chunk riding in the decode step of seqs (none: a chunk alone); its time counts as the
         chunk's (the gap a decoding stream sees)."""
         t0, before = time.perf_counter(), seq.prefill.next
-        logits, first = self.stepper.both(seqs, seq, self.prefill_chunk)
+        logits, first = self.stepper.both(seqs, seq, chunk)
         self._decoded(seqs, logits)
         self._chunk_done(seq, first, seq.prefill.next - before, time.perf_counter() - t0)
         self.stats.step_tokens += len(seqs)

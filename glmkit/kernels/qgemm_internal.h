@@ -74,9 +74,14 @@ typedef struct {              /* one float GEMM, as the per-ISA panel kernels se
     float *y;                 /* [M, N] */
     int M, N, K, P;           /* P = ceil(N / 16) panels */
     long pf;                  /* prefetch distance (bytes) for M = 1 */
+    const float *ap;          /* M > 4: x packed by the ISA's qg_fpack_a (row tiles, k-major) */
 } fg_job;
+#define QG_FG_NP 4            /* panels the blocked float kernel works on at once */
+#define QG_FG_SCRATCH(M) ((size_t)(M) * ((M) > 4 ? QG_FG_NP * 16 : 16))   /* floats of the panels' scratch */
 void qg_fpanels_avx2(const fg_job *J, int p0, int p1, float *tmp);
 void qg_fpanels_avx512(const fg_job *J, int p0, int p1, float *tmp);
+void qg_fpack_a_avx2(const float *x, int M, int K, float *ap, int tid, int nth);
+void qg_fpack_a_avx512(const float *x, int M, int K, float *ap, int tid, int nth);
 
 /* decode_ops.c: the non-GEMM operations of a one-token decode step (see there) */
 PyObject *qg_py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
