@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import IGNORED_KEYS, CheckpointError, LoadInfo, _get_module, _reverse_map, resolve_dtype
-from .config import GLM130B_SAT_ARGS, ConfigError, from_sat_args
+from .config import GLM130B_SAT_ARGS, ConfigError, ModelConfig, from_sat_args
 from .model import GLM
 
 SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -436,20 +436,10 @@ def load_sat(path, dtype=None, device: str = "cpu", progress: bool = False, quan
 
     quantize ("int4", "int8", ...): glmkit's block quantization while loading, a slice at a time, of a float
     checkpoint. GLM-130B's own quantized shards load as quantized layers holding exactly their values."""
-    from . import quant
 
     t0 = time.perf_counter()
     path = Path(path)
-    it, files = shard_files(path)
-    args, args_src = read_args(path)
-    try:
-        cfg = from_sat_args(args)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise SATError(f"{args_src}: {e}") from None
-    tp = len(files)
-    if args_src != "glm-130b preset" and int(args.get("model-parallel-size", tp)) != tp:
-        raise SATError(f"{args_src} says model-parallel-size {args['model-parallel-size']}, but {path / it} "
-                       f"holds {tp} shard(s)")
+    files, args, cfg = open_sat(path)
     loaded = [_load_shard(f) for f in files]
     sds, mapped = [sd for sd, _ in loaded], all(m for _, m in loaded)
     bits = _bits_of(sds, args, cfg.hidden_size, files[0])
@@ -457,15 +447,41 @@ def load_sat(path, dtype=None, device: str = "cpu", progress: bool = False, quan
         model = GLM(cfg)
     joined, unexpected = _join_all(model, sds, files, bits, mapped)
     spec, dt = quant_setup(model, cfg, joined, bits, quantize, dtype, device, path)
-    with torch.no_grad():
-        _fill(model, joined, dt, "cpu" if spec is not None else device)
-        if not isinstance(model.output, quant.QuantLinear):
-            model.output.weight = model.tok_embeddings.weight
+    fill_and_tie(model, joined, spec, dt, device, model.output, model.tok_embeddings)
     del joined, sds, loaded
+    return loaded_model(model, spec, device, LoadInfo(path=path, layout="sat", files=files, unexpected=unexpected), t0)
+
+
+def open_sat(path: Path) -> tuple[list, dict, ModelConfig]:
+    """A SAT folder -> (its iteration's mp_rank shard files, the SAT arguments, the ModelConfig), the shard
+    count checked against model-parallel-size (shared by the whole and the per-rank loads)."""
+    it, files = shard_files(path)
+    args, args_src = read_args(path)
+    try:
+        cfg = from_sat_args(args)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise SATError(f"{args_src}: {e}") from None
+    if args_src != "glm-130b preset" and int(args.get("model-parallel-size", len(files))) != len(files):
+        raise SATError(f"{args_src} says model-parallel-size {args['model-parallel-size']}, but {path / it} "
+                       f"holds {len(files)} shard(s)")
+    return files, args, cfg
+
+
+def fill_and_tie(model: GLM, joined: dict, spec, dt, device, output, embedding, locate=_get_module) -> None:
+    """The joined tensors into the meta-built model (quantized ones on the CPU first), then the output layer
+    tied to the embedding as GLM-130B has it (unless the output was quantized on its own)."""
+    from . import quant
+    with torch.no_grad():
+        _fill(model, joined, dt, "cpu" if spec is not None else device, locate=locate)
+        if not isinstance(output, quant.QuantLinear):
+            output.weight = embedding.weight
+
+
+def loaded_model(model: GLM, spec, device, info: LoadInfo, t0: float) -> tuple[GLM, LoadInfo]:
+    """A quantized model built on the CPU moved to `device`, eval mode, the load's seconds in info."""
     if spec is not None and torch.device(device).type != "cpu":
         model.to(device)
     model.eval()
-    info = LoadInfo(path=path, layout="sat", files=files, unexpected=unexpected)
     info.seconds = time.perf_counter() - t0
     return model, info
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .. import quant
 from ..checkpoint import IGNORED_KEYS, LoadInfo, _reverse_map
-from ..config import ConfigError, from_sat_args
 from ..model import GLM
-from ..sat_checkpoint import Joined, SATError, _bits_of, _fill, _load_shard, quant_setup, read_args, shard_files, tp_rule
+from ..sat_checkpoint import (Joined, SATError, _bits_of, _load_shard, fill_and_tie, loaded_model, open_sat,
+                              quant_setup, tp_rule)
 from .layers import locate
 from .load import localize
 from .plan import make_plan
@@ -85,15 +84,7 @@ def load_sharded_sat(path, rank: int, world: int, dtype=None, device: str = "cpu
     (float, glmkit's quantization while loading, or GLM-130B's own INT8/INT4 shards), reading only its shards."""
     t0 = time.perf_counter()
     path = Path(path)
-    it, files = shard_files(path)
-    args, args_src = read_args(path)
-    try:
-        cfg = from_sat_args(args)
-    except (ConfigError, TypeError, ValueError) as e:
-        raise SATError(f"{args_src}: {e}") from None
-    if args_src != "glm-130b preset" and int(args.get("model-parallel-size", len(files))) != len(files):
-        raise SATError(f"{args_src} says model-parallel-size {args['model-parallel-size']}, but {path / it} "
-                       f"holds {len(files)} shard(s)")
+    files, args, cfg = open_sat(path)
     plan = make_plan(cfg, rank, world)
     mine, m, j = rank_shards(len(files), rank, world)
     files = [files[s] for s in mine]
@@ -105,14 +96,7 @@ def load_sharded_sat(path, rank: int, world: int, dtype=None, device: str = "cpu
     joined, unexpected = _join_local(model, plan, sds, files, bits, m, j, mapped)
     spec, dt = quant_setup(model, cfg, joined, bits, quantize, dtype, device, path)
     localize(model, cfg, plan)
-    with torch.no_grad():
-        _fill(model, joined, dt, "cpu" if spec is not None else device, locate=locate)
-        if not isinstance(model.output.inner, quant.QuantLinear):
-            model.output.inner.weight = model.tok_embeddings.inner.weight
+    fill_and_tie(model, joined, spec, dt, device, model.output.inner, model.tok_embeddings.inner, locate=locate)
     del joined, sds, loaded
-    if spec is not None and torch.device(device).type != "cpu":
-        model.to(device)
-    model.eval()
-    info = LoadInfo(path=path, layout="sat", files=files, unexpected=unexpected)
-    info.seconds = time.perf_counter() - t0
-    return model, info
+    return loaded_model(model, spec, device, LoadInfo(path=path, layout="sat", files=files, unexpected=unexpected),
+                        t0)
