@@ -62,9 +62,9 @@ def running_server(model_dir=None, *, ctx=None, quantize=None, pipe=None, **sett
 
 
 @contextlib.contextmanager
-def serve_process(*args, seconds: float = 120.0):
+def serve_process(*args, seconds: float = 120.0, log_path=None):
     """`python -m glmkit serve ARGS --port P` in a child process, as a user starts it; yields the base URL. Its
-    output is kept in a temporary file and shown when it fails to start."""
+    output is kept in a file (log_path, else a temporary one) and shown when it fails to start."""
     import os
     import subprocess
     import sys
@@ -76,7 +76,7 @@ def serve_process(*args, seconds: float = 120.0):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
     port = free_port()
-    log = tempfile.TemporaryFile()
+    log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", *map(str, args), "--port", str(port)], cwd=root,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

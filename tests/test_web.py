@@ -14,14 +14,12 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
+from _server_util import serve_process
 from conftest import REF, ROOT, needs_shared
 
 PAGE = ROOT / "glmkit" / "server" / "web" / "index.html"
@@ -298,44 +296,13 @@ def test_page_asks_for_api_key(page):
 # the page against the real server
 # ---------------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
     model = REF / "chatglm3-6b"
     if not model.is_dir():
         pytest.skip(f"{model} is absent")
-    port, log = _free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--model", str(model), "--port", str(port),
-                                 "--parallel", "2"], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"glmkit serve exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-            try:
-                with NO_PROXY.open(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"glmkit serve did not answer /health in 60 s:\n{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.2)
+    with serve_process("--model", model, "--parallel", "2", seconds=60) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 _LAST_ASSISTANT = "(() => { const a = document.querySelectorAll('#messages .msg.assistant'); return a[a.length - 1]; })()"

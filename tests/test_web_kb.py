@@ -10,14 +10,12 @@ Skips (with the reason) when playwright, the chromium binary or ../shared/corpor
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, SHARED
-from test_web import ARTIFACTS, ENV, FAKE, NO_PROXY, PAGE, _free_port, _sse
+from conftest import SHARED
+from _server_util import serve_process
+from test_web import ARTIFACTS, FAKE, PAGE, _sse
 from test_web import browser, page  # noqa: F401  (pytest fixtures, used by name)
 
 DOCS = SHARED / "corpora" / "docs"
@@ -110,34 +108,10 @@ def kb_server(tmp_path_factory):
     kb_dir = tmp_path_factory.mktemp("web") / "docs"
     with KnowledgeBase.open(kb_dir) as kb:
         kb.add([str(DOCS / "python-howto-sorting.html")], progress=False)
-    port, log = _free_port(), kb_dir.parent / "serve.log"
-    with open(log, "wb") as f:                              # no --model: the embedded glm-tiny
-        proc = subprocess.Popen([sys.executable, "-m", "glmkit", "serve", "--kb", str(kb_dir), "--port", str(port),
-                                 "--parallel", "2"], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"glmkit serve exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-            try:
-                with NO_PROXY.open(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"glmkit serve did not answer /health in 60 s:\n{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.2)
+    log = kb_dir.parent / "serve.log"                          # no --model: the embedded glm-tiny
+    with serve_process("--kb", kb_dir, "--parallel", "2", seconds=60, log_path=log) as base:
         assert "knowledge base 'docs'" in log.read_text()
         yield base, kb_dir
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _answered(page, n: int, timeout_ms: int = 30_000):  # noqa: F811
