@@ -668,33 +668,36 @@ const char qg_swiglu_doc[] =
     "swiglu(h_ptr, out_ptr, rows, F)\n--\n\nfp32: out[r, i] = silu(h[r, i]) * h[r, F + i] for i < F "
     "(h: rows x 2F, out: rows x F).";
 
-PyObject *qg_py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
+typedef void (*act_row_fn)(const float *h, float *out, long F);
+
+/* The activations' entry: (h_ptr, out_ptr, rows, F), row r's input at h + r * in_mult * F, its output at
+ * out + r * F; the AVX2 row function where the CPU has it (avx2_fn NULL off x86), else the scalar one. */
+static PyObject *act_rows(const char *name, PyObject *const *args, Py_ssize_t nargs, long in_mult,
+                          act_row_fn avx2_fn, act_row_fn scalar_fn) {
     void *p[2];
     long long v[2];
-    if (get_args(args, nargs, 4, "swiglu", "ppii", p, v, NULL)) return NULL;
+    if (get_args(args, nargs, 4, name, "ppii", p, v, NULL)) return NULL;
     const long long rows = v[0], F = v[1];
     if (!p[0] || !p[1] || F < 1 || rows < 0) {
-        PyErr_SetString(PyExc_ValueError, "swiglu: null pointer, F < 1 or rows < 0");
+        PyErr_Format(PyExc_ValueError, "%s: null pointer, F < 1 or rows < 0", name);
         return NULL;
     }
-    const int avx2 = qg_impl_avx2();
+    const act_row_fn fn = avx2_fn && qg_impl_avx2() ? avx2_fn : scalar_fn;
     Py_BEGIN_ALLOW_THREADS
-    for (long long r = 0; r < rows; r++) {
-        const float *h = (const float *)p[0] + r * 2 * F;
-        float *out = (float *)p[1] + r * F;
-#if DO_X86
-        if (avx2) {
-            swiglu_avx2(h, out, (long)F);
-            continue;
-        }
-#else
-        (void)avx2;
-#endif
-        swiglu_scalar(h, out, (long)F);
-    }
+    for (long long r = 0; r < rows; r++) fn((const float *)p[0] + r * in_mult * F, (float *)p[1] + r * F, (long)F);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+#if DO_X86
+#define DO_AVX2_FN(f) f
+#else
+#define DO_AVX2_FN(f) NULL
+#endif
+
+PyObject *qg_py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return act_rows("swiglu", args, nargs, 2, DO_AVX2_FN(swiglu_avx2), swiglu_scalar);
 }
 
 const char qg_layernorm_doc[] =
@@ -743,31 +746,7 @@ const char qg_gelu_doc[] =
 
 PyObject *qg_py_gelu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    void *p[2];
-    long long v[2];
-    if (get_args(args, nargs, 4, "gelu", "ppii", p, v, NULL)) return NULL;
-    const long long rows = v[0], F = v[1];
-    if (!p[0] || !p[1] || F < 1 || rows < 0) {
-        PyErr_SetString(PyExc_ValueError, "gelu: null pointer, F < 1 or rows < 0");
-        return NULL;
-    }
-    const int avx2 = qg_impl_avx2();
-    Py_BEGIN_ALLOW_THREADS
-    for (long long r = 0; r < rows; r++) {
-        const float *h = (const float *)p[0] + r * F;
-        float *out = (float *)p[1] + r * F;
-#if DO_X86
-        if (avx2) {
-            gelu_avx2(h, out, (long)F);
-            continue;
-        }
-#else
-        (void)avx2;
-#endif
-        gelu_scalar(h, out, (long)F);
-    }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return act_rows("gelu", args, nargs, 1, DO_AVX2_FN(gelu_avx2), gelu_scalar);
 }
 
 static int attend_check(const attend_args *A) {
