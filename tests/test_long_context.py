@@ -241,4 +241,4 @@ def test_lazy_mask_equals_dense(monkeypatch):
     lazy = run()
     assert max(sizes) <= 2 * 7 * 65
     for a, b in zip(dense, lazy):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)   # fp32 summation order differs by block shape (seen 1.5e-6 on AVX-512)

@@ -99,4 +99,19 @@ extern const char qg_layernorm_doc[], qg_gelu_doc[], qg_attend_ex_doc[];
     {"gelu", (PyCFunction)(void (*)(void))qg_py_gelu, METH_FASTCALL, qg_gelu_doc},                     \
     {"attend_ex", (PyCFunction)(void (*)(void))qg_py_attend_ex, METH_FASTCALL, qg_attend_ex_doc},
 
+/* The software prefetch of a weight stream read once (M = 1 decode, qgemm.c / qgemm_vnni.inc / fgemm_kern.inc),
+ * its hint chosen per CPU at load (qgemm.c detect_cpu): 0 = prefetchnta (AMD: measured slightly better than t0
+ * on Zen3), 1 = prefetcht0 (Intel: nta lines skip the L2 and its streamer, and the stream ran at ~70% of the
+ * read bandwidth with them), 2 = t1, 3 = t2 (benchmarking, _tune("pfhint", n)). The switch is on a global
+ * that does not change during a call: one predictable branch per prefetch. */
+extern int qg_pf_hint;
+#define QG_PF_STREAM(a)                                                             \
+    do {                                                                            \
+        switch (qg_pf_hint) {                                                       \
+        case 0: _mm_prefetch((a), _MM_HINT_NTA); break;                             \
+        case 1: _mm_prefetch((a), _MM_HINT_T0); break;                              \
+        case 2: _mm_prefetch((a), _MM_HINT_T1); break;                              \
+        default: _mm_prefetch((a), _MM_HINT_T2);                                    \
+        }                                                                           \
+    } while (0)
 #endif
