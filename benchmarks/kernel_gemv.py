@@ -1,6 +1,7 @@
 """Decode-sized (M=1) quantized GEMV speed of glmkit.kernels on the ChatGLM3-6B layer shapes.
 
     python benchmarks/kernel_gemv.py [--threads 2] [--kinds q4 q8] [--group 32] [--no-model] [--reps 3]
+    python benchmarks/kernel_gemv.py --sweep-prefetch --kinds q4
 
 Reports, next to each other (measured in the same process, interleaved):
   * read bandwidth: the extension's own streaming-read loop (stream_read: AVX2 loads, the pool's threads,
@@ -10,6 +11,8 @@ Reports, next to each other (measured in the same process, interleaved):
   * torch fp32 F.linear on the dequantized weight (same threads), for reference;
   * "whole model": the 28 layers' 4 matrices (distinct buffers) + the output layer, called in decode order,
     as tokens/s of the linear part alone (an upper bound for end-to-end decode).
+--sweep-prefetch runs only the whole model, under each software-prefetch hint and distance (the kernels pick
+one per CPU vendor: cpu_features()['prefetch_hint'], ['prefetch']), to re-check that choice on a new CPU.
 """
 from __future__ import annotations
 
@@ -67,6 +70,54 @@ def time_calls(fn, n: int) -> float:
     return statistics.median(ts)
 
 
+def whole_model(kind: int, group: int, m: int, gen: torch.Generator):
+    """The 28 layers' 4 matrices (distinct buffers) + the output layer, and a function that runs them in decode
+    order (one token). Returns (token_fn, bytes of weights)."""
+    canon = {name: canonical(kind, N, K, group, gen) for name, N, K in SHAPES}
+    model = [(gk.pack(kind, *canon[name], group), N, K) for _ in range(LAYERS) for name, N, K in SHAPES[:4]]
+    name, N, K = SHAPES[4]
+    model.append((gk.pack(kind, *canon[name], group), N, K))
+    xs = {K: torch.randn(m, K) for _, _, K in SHAPES}
+    outs = {N: torch.empty(m, N) for _, N, _ in SHAPES}
+
+    def token():
+        for p, N, K in model:
+            gk.gemm(kind, xs[K], p, None, N, K, group, out=outs[N])
+    return token, sum(p.numel() for p, _, _ in model)
+
+
+def sweep_prefetch(a, gen, big) -> int:
+    """Median ms a token of the whole model per (hint, distance), configurations interleaved in each round so
+    the machine's drift hits them alike; the CPU's defaults are restored at the end."""
+    ext, f = gk._extension(), gk.cpu_features()
+    hints = ["nta", "t0", "t1", "t2"]
+    default = (hints.index(f["prefetch_hint"]), f["prefetch"])
+    print(f"defaults on this CPU: prefetch_hint={f['prefetch_hint']} prefetch={f['prefetch']} B; "
+          f"read bandwidth {read_bw(big):.1f} GB/s")
+    configs = [(h, d) for h in (0, 1, 3) for d in (1536, 3072, 6144)]
+    try:
+        for kname in a.kinds:
+            token, total = whole_model(KIND[kname], a.group, a.m, gen)
+            times = {c: [] for c in configs}
+            for _ in range(max(3, a.reps)):
+                for c in configs:
+                    ext._tune("pfhint", c[0])
+                    ext._tune("prefetch", c[1])
+                    token()
+                    t0 = time.perf_counter()
+                    token()
+                    times[c].append(time.perf_counter() - t0)
+            for (h, d), ts in times.items():
+                t = statistics.median(ts)
+                mark = "  (default)" if (h, d) == default else ""
+                print(f"  {kname} {hints[h]:3} {d:5} B: {t * 1e3:6.1f} ms a token = {total / t / 1e9:5.1f} GB/s{mark}")
+            del token
+    finally:
+        ext._tune("pfhint", default[0])
+        ext._tune("prefetch", default[1])
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -76,6 +127,9 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the fp32 F.linear reference")
     ap.add_argument("--reps", type=int, default=3, help="whole-model passes (best and median reported)")
     ap.add_argument("--m", type=int, default=1, help="rows of x (decode: 1)")
+    ap.add_argument("--sweep-prefetch", action="store_true",
+                    help="instead: the whole model under each software-prefetch hint (nta/t0/t2) and distance "
+                         "(1536/3072/6144 B), interleaved over --reps rounds, median ms a token")
     a = ap.parse_args(argv)
 
     if not gk.available():
@@ -86,6 +140,8 @@ def main(argv=None):
     print(f"threads={a.threads} group={a.group} M={a.m} cpu={gk.cpu_features()} torch={torch.__version__}")
     gen = torch.Generator().manual_seed(0)
     big = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8, generator=gen)
+    if a.sweep_prefetch:
+        return sweep_prefetch(a, gen, big)
     bw = read_bw(big)
     print(f"read bandwidth (C streaming read, {a.threads} threads, 1 GiB): {bw:.1f} GB/s\n")
 
@@ -122,23 +178,7 @@ def main(argv=None):
         print(f"whole model (ChatGLM3-6B linear layers: {LAYERS} x [qkv, dense, up, down] + output, "
               f"distinct buffers, M={a.m}):")
         for kname in a.kinds:
-            kind = KIND[kname]
-            model, total = [], 0
-            canon = {name: canonical(kind, N, K, a.group, gen) for name, N, K in SHAPES}
-            for layer in range(LAYERS):
-                for name, N, K in SHAPES[:4]:
-                    model.append((gk.pack(kind, *canon[name], a.group), N, K))
-            name, N, K = SHAPES[4]
-            model.append((gk.pack(kind, *canon[name], a.group), N, K))
-            del canon
-            total = sum(p.numel() for p, _, _ in model)
-            xs = {K: torch.randn(a.m, K) for _, _, K in SHAPES}
-            outs = {N: torch.empty(a.m, N) for _, N, _ in SHAPES}
-
-            def token():
-                for p, N, K in model:
-                    gk.gemm(kind, xs[K], p, None, N, K, a.group, out=outs[N])
-
+            token, total = whole_model(KIND[kname], a.group, a.m, gen)
             token()
             ts = []
             for _ in range(a.reps):
@@ -147,11 +187,11 @@ def main(argv=None):
                 ts.append(time.perf_counter() - t0)
             bw_now = read_bw(big, 2)
             best, med = min(ts), statistics.median(ts)
-            print(f"  {kname}: {total / 1e9:.2f} GB, {len(model)} calls/token: best {best * 1e3:.0f} ms "
+            print(f"  {kname}: {total / 1e9:.2f} GB, {LAYERS * 4 + 1} calls/token: best {best * 1e3:.0f} ms "
                   f"= {1 / best:.2f} tok/s ({total / best / 1e9:.1f} GB/s, "
                   f"{100 * total / best / 1e9 / max(bw, bw_now):.0f}% of read bw), median {1 / med:.2f} tok/s; "
                   f"read bw now {bw_now:.1f} GB/s")
-            del model
+            del token
     return 0
 
 
