@@ -223,6 +223,8 @@ def test_store_concurrent_reader_never_sees_half_a_file(new_store):
     writer, reader = new_store(), new_store()
     n_files, per_file = 12, 25
     errors, done = [], threading.Event()
+    read_taken = threading.Event()     # the writer waits (up to 5 s) for one snapshot after each file it adds, so
+                                       # reads surely fall between and during the writes on any machine's speed
 
     def write():
         try:
@@ -230,6 +232,8 @@ def test_store_concurrent_reader_never_sees_half_a_file(new_store):
                 for k in range(n_files):
                     texts = [f"f{k} v{version} part {j}" for j in range(per_file)]
                     writer.add_file(_rec(f"f{k}.md", f"v{version}"), _chunks(texts))
+                    read_taken.wait(5)
+                    read_taken.clear()
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
         finally:
@@ -252,6 +256,7 @@ def test_store_concurrent_reader_never_sees_half_a_file(new_store):
             assert all(sum(1 for c in chunks if c.source == src) == per_file for src in {c.source for c in chunks})
             seen.add(data.generation)
             snapshots += 1
+            read_taken.set()
     finally:
         t.join()
     assert errors == []
