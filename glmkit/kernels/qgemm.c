@@ -118,6 +118,7 @@ static char g_isa_env_error[160] = "";
 
 /* tuning knobs (see _tune()) */
 int qg_pf_hint = 0;              /* qgemm_internal.h QG_PF_STREAM; set by detect_cpu */
+static const char *const pf_hint_names[4] = {"nta", "t0", "t1", "t2"};
 static long g_pf = 1536;              /* software prefetch distance in bytes (0: none) */
 static long g_chunk_bytes = 32 << 10; /* weight bytes per work item */
 static int g_hugepage = 1;           /* madvise(MADV_HUGEPAGE) the packed buffer in repack */
@@ -477,9 +478,9 @@ QG_TARGET static void quantize_x_avx2(const float *x, int M, int K, xquant *xq) 
 
 /* software prefetch of the weight stream, `pf` bytes ahead (measured: ~+10% at 2 threads over the hardware
  * prefetchers alone on Zen3).  M = 1 reads each weight once: the hint per CPU (QG_PF_STREAM: non-temporal on
- * AMD, t0 on Intel).  M-tiled kernels re-read a panel for each tile of activation rows: keep it cached. */
-#define QG_PF_ONCE(a) QG_PF_STREAM(a)
-#define QG_PF_KEEP(a) _mm_prefetch((a), _MM_HINT_T0)
+ * AMD, t0 on Intel).  M-tiled kernels re-read a panel for each tile of activation rows: keep it cached
+ * (QG_PF_KEEP). Both macros are in qgemm_internal.h, shared with the VNNI and float kernels. */
+
 /* keeps a value in a register at this point: stops the compiler from re-associating a chain of integer adds
  * into a tree that needs all its terms live at once (which spills) */
 #define QG_KEEP(v) __asm__("" : "+x"(v))
@@ -586,8 +587,8 @@ QG_INLINE QG_TARGET __m256 q4_row1(const uint8_t *restrict qp, const uint16_t *r
         __m256 gacc = _mm256_setzero_ps();
         for (int bb = 0; bb < bpg; bb++, b++, q += 128, x += 32) {
             if (pf) {
-                QG_PF_ONCE((const char *)q + pf);
-                QG_PF_ONCE((const char *)q + pf + 64);
+                QG_PF_STREAM((const char *)q + pf);
+                QG_PF_STREAM((const char *)q + pf + 64);
             }
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)q);
             const __m256i v1 = _mm256_loadu_si256((const __m256i *)(q + 32));
@@ -620,10 +621,10 @@ QG_INLINE QG_TARGET __m256 q8_row1(const uint8_t *restrict qp, const uint16_t *r
         __m256 gacc = _mm256_setzero_ps();
         for (int bb = 0; bb < bpg; bb++, b++, q += 256, x += 32) {
             if (pf) {
-                QG_PF_ONCE((const char *)q + pf);
-                QG_PF_ONCE((const char *)q + pf + 64);
-                QG_PF_ONCE((const char *)q + pf + 128);
-                QG_PF_ONCE((const char *)q + pf + 192);
+                QG_PF_STREAM((const char *)q + pf);
+                QG_PF_STREAM((const char *)q + pf + 64);
+                QG_PF_STREAM((const char *)q + pf + 128);
+                QG_PF_STREAM((const char *)q + pf + 192);
             }
             __m256i i0, i1;
 #define QG_Q8_STEP(j, acc_)                                                                             \
@@ -1168,7 +1169,7 @@ static PyObject *py_cpu_features(PyObject *self, PyObject *unused) {
     return Py_BuildValue("{s:O,s:O,s:O,s:O,s:s,s:i,s:s,s:s,s:s,s:s,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:s}",
                          "x86_64", QG_B(QG_X86), "avx2", QG_B(g_has_avx2), "fma", QG_B(g_has_fma),
                          "f16c", QG_B(g_has_f16c), "impl", g_use_avx2 ? "avx2" : "scalar", "prefetch", (int)g_pf,
-                         "prefetch_hint", qg_pf_hint == 0 ? "nta" : qg_pf_hint == 1 ? "t0" : qg_pf_hint == 2 ? "t1" : "t2",
+                         "prefetch_hint", pf_hint_names[qg_pf_hint],
                          "isa", isa_name(g_isa), "isa_best", isa_name(g_isa_best), "isa_cap", isa_name(g_isa_cap),
                          "avx512f", QG_B(g_has_avx512f), "avx512bw", QG_B(g_has_avx512bw),
                          "avx512vl", QG_B(g_has_avx512vl), "avx512vnni", QG_B(g_has_vnni),

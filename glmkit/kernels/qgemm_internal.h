@@ -105,6 +105,7 @@ extern const char qg_layernorm_doc[], qg_gelu_doc[], qg_attend_ex_doc[];
  * read bandwidth with them), 2 = t1, 3 = t2 (benchmarking, _tune("pfhint", n)). The switch is on a global
  * that does not change during a call: one predictable branch per prefetch. */
 extern int qg_pf_hint;
+#define QG_PF_KEEP(a) _mm_prefetch((a), _MM_HINT_T0)   /* a panel the M-tiled kernels re-read: cached */
 #define QG_PF_STREAM(a)                                                             \
     do {                                                                            \
         switch (qg_pf_hint) {                                                       \
